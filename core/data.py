@@ -1,0 +1,331 @@
+"""Labelled image folders, near-duplicate groups, group-aware splits, sampling, augmentation.
+
+A data folder holds `manifest.csv` (columns `path,label`, optional `split`, `patient`;
+paths relative to the folder) or one subfolder per class. Images are read with the same
+`core.imaging.read_scan` the app uses.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from core.imaging import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_scan
+from core.preprocess import base_pixels, resize_square
+from core.tasks import TaskSpec
+
+logger = logging.getLogger(__name__)
+
+HASH_THRESHOLD = 10
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled image: absolute path, path relative to the data folder, label, patient."""
+
+    path: Path
+    rel: str
+    label: str
+    patient: str | None = None
+
+
+def read_records(root: Path) -> list[Record]:
+    """List the labelled images of a data folder.
+
+    Args:
+        root: Folder with `manifest.csv` or class subfolders.
+
+    Returns:
+        Records in manifest order (or sorted path order for class folders).
+
+    Raises:
+        ValueError: If the folder is missing, the manifest lacks `path`/`label`, or no
+            image is found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data folder not found: {root}")
+    manifest = root / "manifest.csv"
+    records: list[Record] = []
+    if manifest.is_file():
+        with open(manifest, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = set(reader.fieldnames or ())
+            if not {"path", "label"} <= columns:
+                raise ValueError(f"{manifest} needs columns path,label; it has {', '.join(sorted(columns))}")
+            for row in reader:
+                patient = (row.get("patient") or "").strip() or None
+                records.append(Record(root / row["path"], row["path"], row["label"].strip(), patient))
+    else:
+        suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for path in sorted(class_dir.rglob("*")):
+                if path.is_file() and path.suffix.lower() in suffixes:
+                    records.append(Record(path, str(path.relative_to(root)), class_dir.name))
+    if not records:
+        raise ValueError(f"no labelled images found in {root} (expected manifest.csv or class subfolders)")
+    return records
+
+
+def check_labels(records: list[Record], spec: TaskSpec) -> None:
+    """Raise ValueError naming any label the model does not know."""
+    unknown = sorted({r.label for r in records} - set(spec.labels))
+    if unknown:
+        raise ValueError(
+            f"labels {', '.join(map(repr, unknown))} are not classes of {spec.key}; its classes are {', '.join(spec.labels)}"
+        )
+
+
+# ---------------------------------------------------------------- near-duplicates
+
+
+def difference_hash(pixels: np.ndarray) -> np.ndarray:
+    """256-bit difference hash of a grayscale image (17 x 16 grid, left-right gradients).
+
+    Robust to resizing and to monotonic brightness/contrast changes.
+
+    Args:
+        pixels: float (H, W) in [0, 1].
+
+    Returns:
+        uint8 array of 32 bytes (the packed bits).
+    """
+    small = cv2.resize(np.asarray(pixels, dtype=np.float32), (17, 16), interpolation=cv2.INTER_AREA)
+    return np.packbits(small[:, 1:] > small[:, :-1])
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise Hamming distances between packed hashes a (n, 32) and b (m, 32) -> (n, m)."""
+    a64, b64 = np.ascontiguousarray(a).view(np.uint64), np.ascontiguousarray(b).view(np.uint64)
+    xor = a64[:, None, :] ^ b64[None, :, :]
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(xor).sum(axis=2, dtype=np.int32)
+    return _POPCOUNT[xor.view(np.uint8)].sum(axis=2, dtype=np.int32)
+
+
+def near_duplicate_groups(hashes: np.ndarray, mirrored: np.ndarray, threshold: int = HASH_THRESHOLD) -> np.ndarray:
+    """Group images whose hashes (or one's mirror image) lie within `threshold` bits.
+
+    Args:
+        hashes: uint8 (N, 32) packed difference hashes.
+        mirrored: uint8 (N, 32) hashes of the horizontally mirrored images.
+        threshold: Largest Hamming distance counted as a near-duplicate.
+
+    Returns:
+        int64 (N,) group id per image (connected components; ids are 0..G-1).
+    """
+    n = len(hashes)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    chunk = 256
+    for start in range(0, n, chunk):
+        block = hashes[start : start + chunk]
+        close = (_hamming(block, hashes) <= threshold) | (_hamming(block, mirrored) <= threshold)
+        for i, j in zip(*np.nonzero(close)):
+            a, b = find(start + int(i)), find(int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    roots = np.array([find(i) for i in range(n)])
+    _, ids = np.unique(roots, return_inverse=True)
+    return ids.astype(np.int64)
+
+
+def split_groups(records: list[Record], near_dup: np.ndarray) -> np.ndarray:
+    """Final split groups: near-duplicate groups merged with patients where known.
+
+    Returns:
+        int64 (N,) group id per record.
+    """
+    n = len(records)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_of: dict[tuple[str, object], int] = {}
+    for i, record in enumerate(records):
+        keys = [("dup", int(near_dup[i]))] + ([("patient", record.patient)] if record.patient else [])
+        for key in keys:
+            if key in first_of:
+                a, b = find(i), find(first_of[key])
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                first_of[key] = i
+    roots = np.array([find(i) for i in range(n)])
+    _, ids = np.unique(roots, return_inverse=True)
+    return ids.astype(np.int64)
+
+
+def stratified_group_split(
+    labels: list[str], groups: np.ndarray, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0
+) -> np.ndarray:
+    """Assign whole groups to train/val/test, stratified by each group's majority label.
+
+    Args:
+        labels: Label per record.
+        groups: Group id per record; a group never straddles two splits.
+        val_frac: Share of each label's groups (by image count) for validation.
+        test_frac: Share for test.
+        seed: Shuffle seed.
+
+    Returns:
+        Array of "train" / "val" / "test", one per record.
+    """
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[int(g)].append(i)
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for g, idx in members.items():
+        majority = Counter(labels[i] for i in idx).most_common(1)[0][0]
+        by_label[majority].append(g)
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(labels), dtype=object)
+    for label in sorted(by_label):
+        group_ids = sorted(by_label[label])
+        rng.shuffle(group_ids)
+        total = sum(len(members[g]) for g in group_ids)
+        done = 0
+        for g in group_ids:
+            share = done / max(total, 1)
+            split = "test" if share < test_frac else "val" if share < test_frac + val_frac else "train"
+            for i in members[g]:
+                assignment[i] = split
+            done += len(members[g])
+    return assignment
+
+
+def split_audit(records: list[Record], groups: np.ndarray, near_dup: np.ndarray, splits: np.ndarray) -> dict:
+    """Facts about a split for the card: sizes, groups, leaks across splits (should be 0)."""
+    audit: dict = {"images": len(records), "near_duplicate_groups": int(near_dup.max()) + 1 if len(near_dup) else 0}
+    audit["split_groups"] = int(groups.max()) + 1 if len(groups) else 0
+    label_sets: dict[int, set[str]] = defaultdict(set)
+    split_sets: dict[int, set[str]] = defaultdict(set)
+    for i, record in enumerate(records):
+        label_sets[int(near_dup[i])].add(record.label)
+        split_sets[int(near_dup[i])].add(str(splits[i]))
+    audit["near_duplicate_groups_mixing_labels"] = sum(len(s) > 1 for s in label_sets.values())
+    audit["near_duplicate_groups_across_splits"] = sum(len(s) > 1 for s in split_sets.values())
+    patients: dict[str, set[str]] = defaultdict(set)
+    for i, record in enumerate(records):
+        if record.patient:
+            patients[record.patient].add(str(splits[i]))
+    if patients:
+        audit["patients"] = len(patients)
+        audit["patients_across_splits"] = sum(len(s) > 1 for s in patients.values())
+    audit["counts"] = {
+        split: dict(sorted(Counter(r.label for r, s in zip(records, splits) if s == split).items())) for split in SPLITS
+    }
+    return audit
+
+
+# ---------------------------------------------------------------- loading and augmentation
+
+
+def load_pixels(records: list[Record], spec: TaskSpec) -> list[np.ndarray]:
+    """Read every record through `read_scan` and keep its 8-bit model pixels (uint8, H x W).
+
+    Raises:
+        ValueError: Naming the first file that cannot be read.
+    """
+    images = []
+    for record in records:
+        try:
+            scan = read_scan(record.path.read_bytes(), record.path.name)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read training image {record.rel}: {exc}") from None
+        images.append(np.round(base_pixels(scan, spec) * 255.0).astype(np.uint8))
+    return images
+
+
+def augment(pixels: np.ndarray, size: int, rng: np.random.Generator, hflip: bool) -> np.ndarray:
+    """Random geometric and intensity augmentation suited to grayscale medical slices.
+
+    Small rotations (+-10 deg), scales (0.9-1.1) and shifts (+-6%), an optional mirror,
+    then contrast, brightness and gamma jitter. The warp also resizes to the model input.
+
+    Args:
+        pixels: float32 (H, W) in [0, 1].
+        size: Output side.
+        rng: Random generator.
+        hflip: Whether mirroring is allowed.
+
+    Returns:
+        float32 (size, size) in [0, 1].
+    """
+    height, width = pixels.shape
+    angle = rng.uniform(-10.0, 10.0)
+    scale = rng.uniform(0.9, 1.1)
+    shift = rng.uniform(-0.06, 0.06, size=2) * size
+    sx, sy = size / width, size / height
+    to_output = np.array([[sx, 0.0, 0.0], [0.0, sy, 0.0], [0.0, 0.0, 1.0]])
+    centre = size / 2.0
+    rotation = cv2.getRotationMatrix2D((centre, centre), angle, scale)
+    rotation[:, 2] += shift
+    matrix = (np.vstack([rotation, [0.0, 0.0, 1.0]]) @ to_output)[:2]
+    if hflip and rng.random() < 0.5:
+        flip = np.array([[-1.0, 0.0, size], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+        matrix = (flip @ np.vstack([matrix, [0.0, 0.0, 1.0]]))[:2]
+    out = cv2.warpAffine(pixels, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    contrast = rng.uniform(0.85, 1.15)
+    brightness = rng.uniform(-0.08, 0.08)
+    out = np.clip((out - 0.5) * contrast + 0.5 + brightness, 0.0, 1.0)
+    gamma = math.exp(rng.uniform(-0.2, 0.2))
+    return np.power(out, gamma, dtype=np.float32)
+
+
+class ScanDataset(Dataset):
+    """In-memory 8-bit images -> (float tensor (1, S, S) in [0, 1], label index).
+
+    Unnormalised on purpose: `core.preprocess.normalize` runs on the batch, on the device.
+    """
+
+    def __init__(self, images: list[np.ndarray], targets: list[int], spec: TaskSpec, train: bool, seed: int = 0):
+        self.images = images
+        self.targets = targets
+        self.spec = spec
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pixels = self.images[index].astype(np.float32) / 255.0
+        if self.train:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            pixels = augment(pixels, self.spec.input_size, rng, self.spec.hflip)
+        else:
+            pixels = resize_square(pixels, self.spec.input_size)
+        return torch.from_numpy(np.ascontiguousarray(pixels))[None], self.targets[index]
+
+
+def balanced_sampler(targets: list[int], seed: int = 0) -> WeightedRandomSampler:
+    """Sampler that draws every class equally often (weights 1 / class count)."""
+    counts = Counter(targets)
+    weights = torch.tensor([1.0 / counts[t] for t in targets], dtype=torch.double)
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)

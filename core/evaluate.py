@@ -1,0 +1,180 @@
+"""Score any SecondLook weights on any labelled folder.
+
+Usage:
+    python -m core.evaluate --task brain_mri --data ../shared/data/brain_mri
+    python -m core.evaluate --task cxr_covid --data DIR --json --predictions preds.csv
+    python -m core.evaluate --task ct_cancer --data DIR --weights other.safetensors --split test
+
+The folder holds `manifest.csv` (path,label[,split][,patient]) or class subfolders. Every
+image is read with `core.imaging.read_scan` and preprocessed exactly as in the app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from core.calibration import expected_calibration_error, softmax
+from core.data import Record, ScanDataset, check_labels, load_pixels, read_records
+from core.models import Classifier, WeightsError, load_model
+from core.predict import decide
+from core.preprocess import normalize
+from core.tasks import TASKS, TaskSpec, get_task
+
+logger = logging.getLogger(__name__)
+
+
+def compute_metrics(targets: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray, spec: TaskSpec) -> dict:
+    """Classification metrics for one scored set.
+
+    Args:
+        targets: int (N,) true class indices.
+        probabilities: float (N, C) calibrated probabilities.
+        predictions: int (N,) decided classes.
+        spec: The model's spec (labels, positive class).
+
+    Returns:
+        n, accuracy, balanced_accuracy, macro_f1, roc_auc (binary: of the positive class;
+        multiclass: macro one-vs-rest; None where a class is absent), ece, per_class,
+        confusion_matrix {labels, matrix}.
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+    labels = list(spec.labels)
+    classes = list(range(len(labels)))
+    targets = np.asarray(targets, dtype=np.int64)
+    n = int(len(targets))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        targets, predictions, labels=classes, zero_division=0
+    )
+    present = support > 0
+    roc_auc = None
+    try:
+        if len(labels) == 2:
+            pos = labels.index(spec.positive) if spec.positive else 1
+            roc_auc = float(roc_auc_score(targets == pos, probabilities[:, pos]))
+        else:
+            roc_auc = float(roc_auc_score(targets, probabilities, multi_class="ovr", average="macro", labels=classes))
+    except ValueError:
+        roc_auc = None
+    return {
+        "n": n,
+        "accuracy": float((predictions == targets).mean()) if n else None,
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else None,
+        "macro_f1": float(f1[present].mean()) if present.any() else None,
+        "roc_auc": roc_auc,
+        "ece": expected_calibration_error(probabilities, targets) if n else None,
+        "per_class": {
+            label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, label in enumerate(labels)
+        },
+        "confusion_matrix": {"labels": labels, "matrix": confusion_matrix(targets, predictions, labels=classes).tolist()},
+    }
+
+
+def collect_logits(model: torch.nn.Module, loader: DataLoader, spec: TaskSpec, device: torch.device) -> np.ndarray:
+    """Logits (N, C) of a model over a loader of unnormalised (N, 1, S, S) batches."""
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for images, _ in loader:
+            batch = normalize(images.to(device, non_blocking=True), spec)
+            outputs.append(model(batch).float().cpu())
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, spec.num_classes), dtype=np.float32)
+
+
+def score_records(classifier: Classifier, records: list[Record], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Targets (N,) and calibrated probabilities (N, C) of a loaded model on records."""
+    spec = classifier.spec
+    check_labels(records, spec)
+    targets = [spec.label_index(r.label) for r in records]
+    loader = DataLoader(ScanDataset(load_pixels(records, spec), targets, spec, train=False), batch_size=batch_size)
+    with classifier.lock:
+        logits = collect_logits(classifier.module, loader, spec, torch.device("cpu"))
+    return np.asarray(targets), softmax(logits, classifier.card.temperature)
+
+
+def format_report(metrics: dict, title: str) -> str:
+    """Human-readable text for a metrics dict."""
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [title, f"  images             {metrics['n']}"]
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece"):
+        lines.append(f"  {name:<18} {fmt(metrics[name])}")
+    lines.append("  per class           precision  recall  f1      support")
+    for label, row in metrics["per_class"].items():
+        lines.append(f"    {label:<16}  {row['precision']:.4f}     {row['recall']:.4f}  {row['f1']:.4f}  {row['support']}")
+    cm = metrics["confusion_matrix"]
+    lines.append("  confusion matrix (rows: true, columns: predicted): " + ", ".join(cm["labels"]))
+    for label, row in zip(cm["labels"], cm["matrix"]):
+        lines.append(f"    {label:<16}  " + " ".join(f"{v:>6d}" for v in row))
+    return "\n".join(lines)
+
+
+def write_predictions(path: Path, records: list[Record], spec: TaskSpec, probabilities: np.ndarray, predictions: np.ndarray) -> None:
+    """One CSV row per image: path,label,pred,prob_<class>..."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "pred"] + [f"prob_{label}" for label in spec.labels])
+        for record, probs, pred in zip(records, probabilities, predictions):
+            writer.writerow([record.rel, record.label, spec.labels[pred]] + [f"{p:.6f}" for p in probs])
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Score SecondLook weights on a labelled folder.")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="registry key of the model")
+    parser.add_argument("--data", required=True, type=Path, help="folder with manifest.csv or class subfolders")
+    parser.add_argument("--weights", type=Path, default=None, help="weights file (default: weights/<task>.safetensors)")
+    parser.add_argument("--split", default=None, help="score only manifest rows with this split value")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    parser.add_argument("--predictions", type=Path, default=None, help="write per-image predictions to this CSV")
+    parser.add_argument("--batch-size", type=int, default=64)
+    return parser
+
+
+def select_split(root: Path, records: list[Record], split: str | None) -> list[Record]:
+    """Keep only the manifest rows whose `split` column equals `split` (all when None)."""
+    if split is None:
+        return records
+    with open(root / "manifest.csv", newline="", encoding="utf-8") as handle:
+        wanted = {row["path"] for row in csv.DictReader(handle) if row.get("split") == split}
+    chosen = [r for r in records if r.rel in wanted]
+    if not chosen:
+        raise ValueError(f"no rows with split {split!r} in {root / 'manifest.csv'}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    spec = get_task(args.task)
+    try:
+        records = select_split(args.data, read_records(args.data), args.split)
+        check_labels(records, spec)
+        classifier = load_model(spec, args.weights)
+        targets, probabilities = score_records(classifier, records, args.batch_size)
+    except (ValueError, WeightsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    predictions = decide(probabilities, spec.labels, classifier.card.positive, classifier.card.threshold)
+    metrics = compute_metrics(targets, probabilities, predictions, spec)
+    if args.predictions:
+        write_predictions(args.predictions, records, spec, probabilities, predictions)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_report(metrics, f"{spec.key} ({classifier.card.name} {classifier.card.version}) on {args.data}"))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Build backbones, save and load weights, and check them against their cards.
+
+The only module that builds timm or torchvision models. Weights are safetensors (never a
+pickle): matrices and kernels stored as int8 with one fp32 scale per output channel,
+everything else as fp32, so a MobileNetV2 file is about 3.5 MB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.cards import ModelCard, check_card, read_card
+from core.tasks import TaskSpec
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+ARCHS: tuple[str, ...] = ("mobilenet_v2", "squeezenet1_1", "resnet18", "efficientnet_b0", "densenet121")
+QUANT_FORMAT = "int8-per-channel"
+_QUANT_MIN_NUMEL = 1024
+
+
+class WeightsError(RuntimeError):
+    """A weights file or card that is missing, corrupt or does not match the registry."""
+
+
+@dataclass
+class Classifier:
+    """A loaded model with its spec and card.
+
+    The module is shared across app sessions and threads; every forward pass (prediction
+    and CAM) must hold `lock`, because CAM hooks registered by one request would otherwise
+    see another request's activations.
+    """
+
+    spec: TaskSpec
+    card: ModelCard
+    module: nn.Module
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+def build_model(spec: TaskSpec, pretrained: str | None = None, arch: str | None = None) -> nn.Module:
+    """Create the network for a spec, with a fresh head of `spec.num_classes` outputs.
+
+    Args:
+        spec: The model's spec.
+        pretrained: None for random init; "hub" for ImageNet weights from the library's hub
+            (needs network); or a path to a local ImageNet state_dict (.pth/.safetensors).
+        arch: Override of `spec.arch` (for architecture comparisons).
+
+    Returns:
+        The model in train mode, on the CPU.
+
+    Raises:
+        ValueError: For an unknown architecture.
+        WeightsError: If a local pretrained file does not fit the architecture.
+    """
+    arch = arch or spec.arch
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
+    n = spec.num_classes
+    hub = pretrained == "hub"
+    if arch in ("mobilenet_v2", "squeezenet1_1"):
+        import torchvision
+
+        weights = "DEFAULT" if hub else None
+        model = getattr(torchvision.models, arch)(weights=weights)
+        if pretrained and not hub:
+            _load_backbone_file(model, Path(pretrained))
+        if arch == "mobilenet_v2":
+            model.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(model.last_channel, n))
+        else:
+            model.classifier[1] = nn.Conv2d(512, n, kernel_size=1)
+    else:
+        import timm
+
+        model = timm.create_model(arch, pretrained=hub, num_classes=n)
+        if pretrained and not hub:
+            _load_backbone_file(model, Path(pretrained), skip=("classifier.", "fc.", "head."))
+    return model
+
+
+def _load_backbone_file(model: nn.Module, path: Path, skip: tuple[str, ...] = ("classifier.",)) -> None:
+    if not path.is_file():
+        raise WeightsError(f"pretrained weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(skip)]
+    if missing or result.unexpected_keys:
+        raise WeightsError(
+            f"{path.name} does not fit this architecture: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    logger.info("loaded ImageNet backbone from %s (%d tensors)", path.name, len(state))
+
+
+def resolve_layer(model: nn.Module, dotted: str) -> nn.Module:
+    """Return the submodule at a dotted path such as "features.18".
+
+    Raises:
+        ValueError: If the path does not name a submodule.
+    """
+    modules = dict(model.named_modules())
+    if dotted not in modules:
+        raise ValueError(f"layer {dotted!r} not found in {type(model).__name__}")
+    return modules[dotted]
+
+
+# ---------------------------------------------------------------- weights files
+
+
+def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pack a state_dict for saving: big float tensors to int8 + per-channel fp32 scale.
+
+    Args:
+        state: name -> tensor (any device).
+
+    Returns:
+        name -> contiguous CPU tensor; a packed tensor `w` becomes `w.q` (int8) and
+        `w.scale` (fp32, one value per output channel).
+    """
+    packed: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point() and tensor.ndim >= 2 and tensor.numel() >= _QUANT_MIN_NUMEL:
+            flat = tensor.float().reshape(tensor.shape[0], -1)
+            scale = flat.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            packed[f"{name}.q"] = q.reshape(tensor.shape).contiguous()
+            packed[f"{name}.scale"] = scale.contiguous()
+        elif tensor.is_floating_point():
+            packed[name] = tensor.float().contiguous()
+        else:
+            packed[name] = tensor.contiguous()
+    return packed
+
+
+def dequantize_state(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `quantize_state`: int8 + scale pairs back to fp32 tensors."""
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in packed.items():
+        if name.endswith(".scale"):
+            continue
+        if name.endswith(".q"):
+            base = name[:-2]
+            scale = packed.get(f"{base}.scale")
+            if scale is None:
+                raise WeightsError(f"weights file has {name} without {base}.scale")
+            shape = (-1,) + (1,) * (tensor.ndim - 1)
+            state[base] = tensor.float() * scale.view(shape)
+        else:
+            state[name] = tensor
+    return state
+
+
+def save_weights(model: nn.Module, path: Path) -> str:
+    """Write the model's state_dict as a packed safetensors file.
+
+    Returns:
+        The file's sha256 hex digest.
+    """
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(quantize_state(model.state_dict()), str(path), metadata={"format": QUANT_FORMAT})
+    return sha256_file(path)
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_module(spec: TaskSpec, weights: Path, arch: str | None = None) -> nn.Module:
+    """Build the architecture and load a weights file strictly; eval mode.
+
+    Raises:
+        WeightsError: If the file is missing, unreadable, or its tensors do not match.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not weights.is_file():
+        raise WeightsError(f"weights file not found: {weights}")
+    try:
+        packed = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read weights file {weights.name}: {exc}") from None
+    model = build_model(spec, pretrained=None, arch=arch)
+    try:
+        model.load_state_dict(dequantize_state(packed), strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{weights.name} does not match the {arch or spec.arch} architecture of {spec.key}: {exc}") from None
+    return model.eval().to(memory_format=torch.channels_last)
+
+
+def load_model(spec: TaskSpec, weights: Path | None = None, card_path: Path | None = None) -> Classifier:
+    """Load a model with its card, refusing any mismatch with the registry.
+
+    Args:
+        spec: The registry entry.
+        weights: Weights file; default `weights/<key>.safetensors`.
+        card_path: Card file; default the weights path with a .json suffix.
+
+    Returns:
+        A `Classifier` in eval mode.
+
+    Raises:
+        WeightsError: Missing file, card/registry mismatch, or sha256 mismatch.
+    """
+    weights = Path(weights) if weights is not None else WEIGHTS_DIR / f"{spec.key}.safetensors"
+    card_path = Path(card_path) if card_path is not None else weights.with_suffix(".json")
+    if not card_path.is_file():
+        raise WeightsError(f"model card not found: {card_path}")
+    card = read_card(card_path)
+    problems = check_card(card, spec)
+    if problems:
+        raise WeightsError(f"card {card_path.name} does not match the registry entry {spec.key}: " + "; ".join(problems))
+    if not weights.is_file():
+        raise WeightsError(f"weights file not found: {weights}")
+    digest = sha256_file(weights)
+    if card.sha256 and digest != card.sha256:
+        raise WeightsError(f"{weights.name} sha256 {digest[:12]}... does not match its card ({card.sha256[:12]}...)")
+    module = load_module(spec, weights, arch=card.arch)
+    return Classifier(spec=spec, card=card, module=module)
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the classification head (the part replaced for our classes)."""
+    for name in ("classifier", "fc", "head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return list(head.parameters())
+    raise ValueError(f"no classifier head found on {type(model).__name__}")
+
+
+def backbone_blocks(model: nn.Module) -> list[nn.Module]:
+    """The backbone's stages in input-to-output order, for staged unfreezing."""
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        return list(features)
+    head_ids = {id(p) for p in head_parameters(model)}
+    return [m for m in model.children() if not any(id(p) in head_ids for p in m.parameters())]

@@ -1,0 +1,211 @@
+"""The model registry: every fact about a model lives in its `TaskSpec`.
+
+The app, the trainer, the evaluator and the tests all read `TASKS`; nothing else
+hard-codes a label list, an input size or a CAM layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# (centre, width) in Hounsfield units.
+LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
+MEDIASTINUM_WINDOW: tuple[float, float] = (40.0, 350.0)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything the project knows about one model.
+
+    Attributes:
+        key: Registry key; also the weights file stem (``weights/<key>.safetensors``).
+        title: Human name of the model, shown in the app.
+        page: Title of the app page that offers this model.
+        labels: Class keys, exactly the folder names in the training data, in logit order.
+        positive: For two-class models, the class whose probability is thresholded.
+        arch: Backbone name understood by `core.models.build_model`.
+        input_size: Side of the square model input in pixels.
+        mean: Per-channel normalisation mean (the grayscale scan is repeated to 3 channels).
+        std: Per-channel normalisation standard deviation.
+        cam_layer: Dotted path of the module Grad-CAM hooks (a conv block output).
+        data_folder: Folder name under the data root that holds this model's images.
+        modalities: DICOM Modality values this model is meant for.
+        trained_on: One line saying what population and images the model learned from.
+        source: Where the training images come from.
+        licence: The data licence.
+        limitations: Known limitations, for the card.
+        ct_window: For CT models, the (centre, width) window in HU that the training images
+            were exported in; DICOM input is windowed this way for the model.
+        hflip: Whether a horizontal mirror is a label-preserving augmentation.
+    """
+
+    key: str
+    title: str
+    page: str
+    labels: tuple[str, ...]
+    positive: str | None
+    arch: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    cam_layer: str
+    data_folder: str
+    modalities: tuple[str, ...]
+    trained_on: str
+    source: str
+    licence: str
+    limitations: tuple[str, ...] = ()
+    ct_window: tuple[float, float] | None = None
+    hflip: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes."""
+        return len(self.labels)
+
+    def label_index(self, label: str) -> int:
+        """Index of a class key in the model output.
+
+        Raises:
+            ValueError: If the label is not one of this model's classes.
+        """
+        if label not in self.labels:
+            raise ValueError(f"unknown label {label!r} for {self.key}; one of {', '.join(self.labels)}")
+        return self.labels.index(label)
+
+
+_MOBILENET = dict(
+    arch="mobilenet_v2",
+    input_size=224,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    cam_layer="features.18",
+)
+
+TASKS: dict[str, TaskSpec] = {
+    spec.key: spec
+    for spec in (
+        TaskSpec(
+            key="brain_mri",
+            title="Brain tumour MRI (4 classes)",
+            page="Brain MRI",
+            labels=("glioma", "meningioma", "no_tumor", "pituitary"),
+            positive=None,
+            data_folder="brain_mri",
+            modalities=("MR",),
+            trained_on="Adult brain MRI slices (T1 contrast-enhanced, T2, FLAIR) from the Kaggle Brain Tumor MRI collection",
+            source="Kaggle Brain Tumor MRI Dataset (Nickparvar), merging figshare (Cheng et al. 2017), SARTAJ and Br35H",
+            licence="CC0 per the dataset page; figshare part CC BY 4.0 (credit Cheng et al.)",
+            limitations=(
+                "No patient IDs: splits are by near-duplicate group, so slices of one patient may still fall on both sides.",
+                "no_tumor images come mostly from Br35H (other sizes and sequences): image source partly predicts the class.",
+                "Single 2-D slices only; not a volumetric read.",
+            ),
+            **_MOBILENET,
+        ),
+        TaskSpec(
+            key="cxr_pneumonia",
+            title="Pediatric pneumonia chest X-ray (normal / bacterial / viral)",
+            page="Chest X-ray",
+            labels=("normal", "bacterial", "viral"),
+            positive=None,
+            data_folder="cxr_pneumonia",
+            modalities=("CR", "DX"),
+            trained_on="Pediatric chest X-rays (children aged 1-5, Guangzhou; Kermany et al. 2018)",
+            hflip=False,
+            source="Kermany et al. 2018, pediatric chest X-rays, Guangzhou Women and Children's Medical Center",
+            licence="CC BY 4.0",
+            limitations=(
+                "Children aged 1-5 only; not validated on adults.",
+                "Images were squashed to 224 x 224 before training; aspect ratio information is lost.",
+                "Bacterial vs viral is hard even for radiologists; expect confusion between them.",
+            ),
+            **_MOBILENET,
+        ),
+        TaskSpec(
+            key="cxr_covid",
+            title="Adult COVID-19 chest X-ray (normal / covid19)",
+            page="Chest X-ray",
+            labels=("normal", "covid19"),
+            positive="covid19",
+            data_folder="cxr_covid",
+            modalities=("CR", "DX"),
+            trained_on="Adult chest X-rays (COVID-19 Radiography Database; normals from the RSNA challenge)",
+            hflip=False,
+            source="COVID-19 Radiography Database (Chowdhury et al. 2020, Rahman et al. 2021); normals from the RSNA pneumonia challenge",
+            licence="as published by the database's contributing collections (see its Kaggle page)",
+            limitations=(
+                "Classes come from different hospitals and devices: the model may partly recognise the source, not the disease.",
+                "No patient IDs; splits are by near-duplicate group.",
+                "Adults only.",
+            ),
+            **_MOBILENET,
+        ),
+        TaskSpec(
+            key="ct_covid",
+            title="COVID-19 lung CT slice (covid19 / non_covid)",
+            page="Lung CT",
+            labels=("covid19", "non_covid"),
+            positive="covid19",
+            data_folder="ct_covid",
+            modalities=("CT",),
+            trained_on="Axial lung CT slices, mostly in a lung window, cropped from papers (UCSD COVID-CT)",
+            ct_window=LUNG_WINDOW,
+            source="UCSD COVID-CT (Zhao, Yang et al. 2020): slices from papers, preprints and MedPix",
+            licence="as published by the UCSD-AI4H COVID-CT repository (research use)",
+            limitations=(
+                "Very small data set (about 540 slices) of figure crops of mixed quality: wide uncertainty.",
+                "Slices, not volumes; some images carry text or arrows from papers.",
+            ),
+            **_MOBILENET,
+        ),
+        TaskSpec(
+            key="ct_cancer",
+            title="Lung cancer CT slice (normal / benign / malignant)",
+            page="Lung CT",
+            labels=("normal", "benign", "malignant"),
+            positive=None,
+            data_folder="ct_cancer",
+            modalities=("CT",),
+            trained_on="Axial chest CT slices in a soft-tissue window (IQ-OTH/NCCD, Iraq)",
+            ct_window=MEDIASTINUM_WINDOW,
+            source="IQ-OTH/NCCD lung cancer CT (Alyasriy & Al-Huseiny, Mendeley Data), Iraq",
+            licence="CC BY 4.0",
+            limitations=(
+                "No patient IDs: splits are by near-duplicate group; near-identical slices of one scan are kept together.",
+                "Benign is the small class (about 100 slices).",
+                "Trained on a soft-tissue window: DICOM input is windowed the same way for the model.",
+            ),
+            **_MOBILENET,
+        ),
+    )
+}
+
+PAGES: tuple[str, ...] = ("Brain MRI", "Chest X-ray", "Lung CT")
+
+
+def get_task(key: str) -> TaskSpec:
+    """Look up a model by registry key.
+
+    Raises:
+        ValueError: If the key is unknown; the message lists the valid keys.
+    """
+    try:
+        return TASKS[key]
+    except KeyError:
+        raise ValueError(f"unknown task {key!r}; one of {', '.join(TASKS)}") from None
+
+
+def tasks_for_page(page: str) -> list[TaskSpec]:
+    """The models offered on one app page, in registry order.
+
+    Raises:
+        ValueError: If no model belongs to that page.
+    """
+    specs = [spec for spec in TASKS.values() if spec.page == page]
+    if not specs:
+        raise ValueError(f"unknown page {page!r}; one of {', '.join(PAGES)}")
+    return specs

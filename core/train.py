@@ -1,0 +1,372 @@
+"""Train a SecondLook model and write `weights/<key>.safetensors` with its card.
+
+Runnable commands (the recipes that made the bundled files are in train/<key>/):
+
+    # ImageNet MobileNetV2 from a local file, staged fine-tuning, on the CPU
+    python -m core.train --task brain_mri --data ../shared/data/brain_mri \
+        --pretrained ../shared/pretrained/mobilenet_v2-features-imagenet-onnxzoo7-webnn.pth \
+        --head-epochs 1 --epochs 4 --unfreeze 5 --device cpu
+
+    # the same on a GPU, longer, whole backbone unfrozen
+    python -m core.train --task brain_mri --data DIR --pretrained FILE --epochs 30 --unfreeze all --device cuda
+
+    # from scratch, another backbone, to a scratch folder
+    python -m core.train --task ct_covid --data DIR --arch resnet18 --pretrained none --out runs/
+
+Steps: read the folder -> near-duplicate (and patient) groups -> stratified group split
+train/val/test -> class-balanced sampling with augmentation -> stage 1 (head only) ->
+stage 2 (last blocks unfrozen) with early stopping on validation -> save -> reload the saved
+file -> temperature and threshold fitted on validation -> metrics on the test split -> card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from core.calibration import choose_threshold, fit_temperature, sensitivity_specificity, softmax
+from core.cards import card_from_spec, write_card
+from core.data import (
+    ScanDataset,
+    balanced_sampler,
+    check_labels,
+    difference_hash,
+    load_pixels,
+    near_duplicate_groups,
+    read_records,
+    split_audit,
+    split_groups,
+    stratified_group_split,
+)
+from core.evaluate import collect_logits, compute_metrics
+from core.models import QUANT_FORMAT, backbone_blocks, build_model, head_parameters, load_module, save_weights, sha256_file
+from core.predict import decide
+from core.preprocess import normalize
+from core.tasks import TASKS, TaskSpec, get_task
+
+logger = logging.getLogger("core.train")
+
+INTENDED_USE = (
+    "Research and education: a second look at a single 2-D image for readers who already have a diagnosis "
+    "pathway. Not a medical device; not for diagnosis or treatment decisions."
+)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a SecondLook model.")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="registry key")
+    parser.add_argument("--data", required=True, type=Path, help="folder with manifest.csv or class subfolders")
+    parser.add_argument("--arch", default=None, help="backbone (default: the registry's)")
+    parser.add_argument("--pretrained", default="none", help="ImageNet weights: a local FILE, 'hub', or 'none'")
+    parser.add_argument("--head-epochs", type=int, default=1, help="stage 1: epochs training the head only")
+    parser.add_argument("--epochs", type=int, default=10, help="stage 2: epochs with the last blocks unfrozen")
+    parser.add_argument("--unfreeze", default="all", help="stage 2: number of last backbone blocks to train, or 'all'")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="head learning rate (backbone: lr * --backbone-lr-scale)")
+    parser.add_argument("--backbone-lr-scale", type=float, default=0.3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--patience", type=int, default=4, help="early stopping: epochs without validation gain")
+    parser.add_argument("--val-frac", type=float, default=0.15)
+    parser.add_argument("--test-frac", type=float, default=0.15)
+    parser.add_argument("--min-sensitivity", type=float, default=None,
+                        help="binary models: choose the threshold for this sensitivity (default: Youden's J)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke tests)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: 0 on cpu, 8 on cuda)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("weights"), help="folder for <task>.safetensors and <task>.json")
+    return parser
+
+
+@dataclass
+class Split:
+    """Images and targets of the three sides of a split, and the audit for the card."""
+
+    images: dict[str, list[np.ndarray]]
+    targets: dict[str, list[int]]
+    rel: dict[str, list[str]]
+    audit: dict
+    method: str
+
+
+@dataclass
+class History:
+    """Per-epoch validation record and the best state seen."""
+
+    epochs: list[dict] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_state: dict | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_split(spec: TaskSpec, args: argparse.Namespace) -> Split:
+    """Read the folder, group near-duplicates (and patients), split train/val/test by group."""
+    records = read_records(args.data)
+    check_labels(records, spec)
+    if args.limit:
+        records = random.Random(args.seed).sample(records, min(args.limit, len(records)))
+    logger.info("reading %d images from %s", len(records), args.data)
+    images = load_pixels(records, spec)
+    hashes = np.stack([difference_hash(img) for img in images])
+    mirrored = np.stack([difference_hash(img[:, ::-1]) for img in images])
+    near_dup = near_duplicate_groups(hashes, mirrored)
+    groups = split_groups(records, near_dup)
+    labels = [r.label for r in records]
+    sides = stratified_group_split(labels, groups, args.val_frac, args.test_frac, args.seed)
+    audit = split_audit(records, groups, near_dup, sides)
+    has_patients = any(r.patient for r in records)
+    method = (
+        "stratified group split (seed {seed}; {v:.0%} val, {t:.0%} test by image count per class); groups = "
+        "near-duplicates (256-bit difference hash, Hamming <= 10, mirrored copies included){p}"
+    ).format(seed=args.seed, v=args.val_frac, t=args.test_frac, p=" merged with patients" if has_patients else "")
+    split = Split({s: [] for s in ("train", "val", "test")}, {s: [] for s in ("train", "val", "test")},
+                  {s: [] for s in ("train", "val", "test")}, audit, method)
+    for record, image, side in zip(records, images, sides):
+        split.images[side].append(image)
+        split.targets[side].append(spec.label_index(record.label))
+        split.rel[side].append(record.rel)
+    logger.info("split: %s", audit["counts"])
+    return split
+
+
+def make_loaders(spec: TaskSpec, split: Split, args: argparse.Namespace) -> dict[str, DataLoader]:
+    workers = args.workers if args.workers is not None else (8 if args.device == "cuda" else 0)
+    common = dict(batch_size=args.batch_size, num_workers=workers, pin_memory=args.device == "cuda",
+                  persistent_workers=workers > 0)
+    train_set = ScanDataset(split.images["train"], split.targets["train"], spec, train=True, seed=args.seed)
+    loaders = {"train": DataLoader(train_set, sampler=balanced_sampler(split.targets["train"], args.seed), drop_last=True, **common)}
+    for side in ("val", "test"):
+        loaders[side] = DataLoader(ScanDataset(split.images[side], split.targets[side], spec, train=False), **common)
+    return loaders
+
+
+def set_stage(model: nn.Module, unfreeze: int | None, freeze_bn: bool) -> list[dict]:
+    """Freeze all but the head and the last `unfreeze` blocks (None: all); return param groups."""
+    head = head_parameters(model)
+    head_ids = {id(p) for p in head}
+    for p in model.parameters():
+        p.requires_grad = id(p) in head_ids
+    blocks = backbone_blocks(model)
+    trainable = blocks if unfreeze is None else blocks[len(blocks) - unfreeze:] if unfreeze > 0 else []
+    backbone = [p for block in trainable for p in block.parameters()]
+    for p in backbone:
+        p.requires_grad = True
+    set_bn_mode(model, freeze_bn)
+    return [{"params": head, "name": "head"}, {"params": backbone, "name": "backbone"}]
+
+
+def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Train mode, except BatchNorm layers kept in eval mode when their statistics are frozen.
+
+    The local ImageNet MobileNetV2 file has BatchNorm folded into the convolutions (identity
+    statistics); train-mode BN would re-normalise with batch statistics and destroy the
+    pretrained function, so fine-tuning keeps those layers in eval mode.
+    """
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, spec: TaskSpec, device: torch.device,
+                    freeze_bn: bool, desc: str) -> float:
+    """One pass over the balanced training sampler; returns the mean loss."""
+    from tqdm import tqdm
+
+    set_bn_mode(model, freeze_bn)
+    criterion = nn.CrossEntropyLoss()
+    use_amp = device.type == "cuda"
+    total, count = 0.0, 0
+    for images, targets in tqdm(loader, desc=desc, mininterval=5, leave=False, file=sys.stderr):
+        batch = normalize(images.to(device, non_blocking=True), spec).contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = criterion(model(batch), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(targets)
+        count += len(targets)
+    return total / max(count, 1)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, spec: TaskSpec, device: torch.device) -> dict:
+    """Validation loss and balanced accuracy (uncalibrated argmax) for model selection."""
+    logits = collect_logits(model, loader, spec, device)
+    targets = np.asarray(loader.dataset.targets)
+    probs = softmax(logits)
+    loss = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
+    metrics = compute_metrics(targets, probs, probs.argmax(axis=1), spec)
+    return {"loss": loss, "balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"]}
+
+
+def run_stage(model: nn.Module, loaders: dict[str, DataLoader], spec: TaskSpec, args: argparse.Namespace,
+              history: History, stage: str, epochs: int, unfreeze: int | None, freeze_bn: bool) -> None:
+    """Train for up to `epochs`, keeping the state with the best validation balanced accuracy."""
+    if epochs <= 0:
+        return
+    device = torch.device(args.device)
+    groups = set_stage(model, unfreeze, freeze_bn)
+    groups[1]["lr"] = args.lr * args.backbone_lr_scale
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    steps = max(1, epochs * len(loaders["train"]))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g.get("lr", args.lr) for g in groups], total_steps=steps, pct_start=0.1)
+    stale = 0
+    for epoch in range(1, epochs + 1):
+        loaders["train"].dataset.epoch = len(history.epochs)
+        start = time.time()
+        loss = train_one_epoch(model, loaders["train"], optimizer, scheduler, spec, device, freeze_bn,
+                               f"{stage} {epoch}/{epochs}")
+        val = evaluate(model, loaders["val"], spec, device)
+        record = {"stage": stage, "epoch": epoch, "train_loss": round(loss, 4), "val_loss": round(val["loss"], 4),
+                  "val_balanced_accuracy": round(val["balanced_accuracy"], 4), "seconds": round(time.time() - start, 1)}
+        history.epochs.append(record)
+        logger.info("%s", record)
+        score = val["balanced_accuracy"] - 1e-3 * val["loss"]
+        if score > history.best_score:
+            history.best_score, history.best_epoch, stale = score, len(history.epochs), 0
+            history.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= args.patience:
+                logger.info("early stop: no validation gain in %d epochs", stale)
+                break
+
+
+def calibrate_and_score(spec: TaskSpec, weights: Path, loaders: dict[str, DataLoader], args: argparse.Namespace,
+                        arch: str) -> dict:
+    """Reload the saved file, fit temperature and threshold on val, score the test split."""
+    model = load_module(spec, weights, arch=arch)
+    device = torch.device("cpu")
+    val_logits = collect_logits(model, loaders["val"], spec, device)
+    val_targets = np.asarray(loaders["val"].dataset.targets)
+    temperature = fit_temperature(val_logits, val_targets)
+    val_probs = softmax(val_logits, temperature)
+    result: dict = {"temperature": temperature, "threshold": None, "threshold_rule": None}
+    validation = {}
+    if spec.positive is not None and spec.num_classes == 2:
+        pos = spec.label_index(spec.positive)
+        rule = (f"highest threshold with validation sensitivity >= {args.min_sensitivity}" if args.min_sensitivity
+                else "maximum Youden's J (sensitivity + specificity - 1) on validation")
+        threshold = choose_threshold(val_probs[:, pos], val_targets == pos, args.min_sensitivity)
+        sens, spec_ = sensitivity_specificity(val_probs[:, pos], val_targets == pos, threshold)
+        result.update(threshold=threshold, threshold_rule=rule)
+        validation["at_threshold"] = {"sensitivity": sens, "specificity": spec_}
+    val_pred = decide(val_probs, spec.labels, spec.positive, result["threshold"])
+    validation.update(compute_metrics(val_targets, val_probs, val_pred, spec))
+    validation["ece_before_temperature"] = compute_metrics(val_targets, softmax(val_logits), val_pred, spec)["ece"]
+    test_logits = collect_logits(model, loaders["test"], spec, device)
+    test_targets = np.asarray(loaders["test"].dataset.targets)
+    test_probs = softmax(test_logits, temperature)
+    test_pred = decide(test_probs, spec.labels, spec.positive, result["threshold"])
+    metrics = compute_metrics(test_targets, test_probs, test_pred, spec)
+    if result["threshold"] is not None:
+        pos = spec.label_index(spec.positive)
+        sens, spec_ = sensitivity_specificity(test_probs[:, pos], test_targets == pos, result["threshold"])
+        metrics["at_threshold"] = {"sensitivity": sens, "specificity": spec_}
+    result.update(metrics=metrics, validation=validation)
+    return result
+
+
+def environment() -> dict:
+    """Commit and library versions for the card."""
+    import torchvision
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "core"], capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "numpy": np.__version__}
+    try:
+        import timm
+
+        versions["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return {"git_commit": commit + ("+uncommitted core changes" if dirty else ""), "versions": versions}
+
+
+def main(args: argparse.Namespace) -> None:
+    seed_everything(args.seed)
+    spec = get_task(args.task)
+    arch = args.arch or spec.arch
+    started = time.time()
+    split = make_split(spec, args)
+    loaders = make_loaders(spec, split, args)
+    pretrained = None if args.pretrained == "none" else args.pretrained
+    model = build_model(spec, pretrained, arch=arch).to(args.device).to(memory_format=torch.channels_last)
+    freeze_bn = pretrained is not None
+    unfreeze = None if args.unfreeze == "all" else int(args.unfreeze)
+    history = History()
+    run_stage(model, loaders, spec, args, history, "head", args.head_epochs if pretrained else 0, 0, freeze_bn)
+    run_stage(model, loaders, spec, args, history, "finetune", args.epochs, unfreeze, freeze_bn)
+    if history.best_state is not None:
+        model.load_state_dict(history.best_state)
+    weights = args.out / f"{spec.key}.safetensors"
+    save_weights(model, weights)
+    scored = calibrate_and_score(spec, weights, loaders, args, arch)
+    card = card_from_spec(
+        spec,
+        name=f"SecondLook {spec.title}",
+        version=datetime.date.today().strftime("%Y.%m.%d"),
+        temperature=scored["temperature"],
+        threshold=scored["threshold"],
+        threshold_rule=scored["threshold_rule"],
+        metrics={"split": "test", **scored["metrics"]},
+        validation=scored["validation"],
+        split={"method": split.method, **split.audit},
+        data={"folder": spec.data_folder, "source": spec.source, "licence": spec.licence, "trained_on": spec.trained_on},
+        training={
+            "command": "python -m core.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "epochs_run": len(history.epochs),
+            "best_epoch": history.best_epoch,
+            "history": history.epochs,
+            "seconds": round(time.time() - started),
+            **environment(),
+        },
+        sha256="",
+        weights_format=f"safetensors, {QUANT_FORMAT} (int8 kernels with fp32 per-output-channel scales)",
+        intended_use=INTENDED_USE,
+        limitations=list(spec.limitations),
+    )
+    card.arch = arch
+    card.sha256 = sha256_file(weights)
+    write_card(card, weights.with_suffix(".json"))
+    m = scored["metrics"]
+    logger.info("wrote %s: test accuracy %.4f, balanced %.4f, macro-F1 %.4f, AUC %s", weights, m["accuracy"],
+                m["balanced_accuracy"], m["macro_f1"], m["roc_auc"])
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    main(get_args_parser().parse_args())

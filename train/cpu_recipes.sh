@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The CPU recipes that made the bundled weights (no GPU was available for them):
+# ImageNet MobileNetV2 from the local file, BatchNorm statistics frozen, stage 1 trains the
+# head for one epoch, stage 2 unfreezes the last five blocks (features.14-18).
+# Usage: bash train/cpu_recipes.sh [DATA_ROOT] [TASK ...]   (default root ../shared/data, all tasks)
+set -euo pipefail
+root=${1:-../shared/data}
+shift || true
+pretrained=${PRETRAINED:-../shared/pretrained/mobilenet_v2-features-imagenet-onnxzoo7-webnn.pth}
+tasks=("$@")
+[ ${#tasks[@]} -gt 0 ] || tasks=(ct_covid ct_cancer brain_mri cxr_pneumonia cxr_covid)
+for task in "${tasks[@]}"; do
+  case $task in
+    ct_covid|ct_cancer) epochs=12 ;;
+    *) epochs=3 ;;
+  esac
+  python -m core.train --task "$task" --data "$root/$task" --pretrained "$pretrained" \
+    --head-epochs 1 --epochs "$epochs" --unfreeze 5 --device cpu --out weights 2>&1 \
+    | grep -v '^\s*$' | tee "train/$task.log"
+done
