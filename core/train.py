@@ -200,7 +200,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     criterion = nn.CrossEntropyLoss()
     use_amp = device.type == "cuda"
     total, count = 0.0, 0
-    for images, targets in tqdm(loader, desc=desc, mininterval=5, leave=False, file=sys.stderr):
+    for images, targets in tqdm(loader, desc=desc, mininterval=5, leave=False, file=sys.stderr, disable=None):
         batch = normalize(images.to(device, non_blocking=True), spec).contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -16,5 +16,5 @@ for task in "${tasks[@]}"; do
   esac
   python -m core.train --task "$task" --data "$root/$task" --pretrained "$pretrained" \
     --head-epochs 1 --epochs "$epochs" --unfreeze 5 --device cpu --out weights 2>&1 \
-    | grep -v '^\s*$' | tee "train/$task.log"
+    | tee "train/$task.log"
 done
