@@ -25,6 +25,7 @@ MAX_PIXELS = 40_000_000
 MIN_SIDE = 8
 MAX_ASPECT = 20.0
 DEFAULT_CT_WINDOW: tuple[float, float] = (-600.0, 1500.0)
+CT_MIN_HU = -1100.0
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -211,13 +212,14 @@ def _read_dicom(data: bytes, filename: str | None) -> Scan:
     from pydicom.errors import InvalidDicomError
 
     has_magic = len(data) >= 132 and data[128:132] == b"DICM"
+    # Without the preamble, a DICOM stream starts with a group 0002 or 0008 tag (little endian).
+    if not has_magic and data[:2] not in (b"\x02\x00", b"\x08\x00"):
+        raise ScanError("The file is named like a DICOM file but is not a readable DICOM file.")
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not has_magic)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError):
         raise ScanError("The file is named like a DICOM file but is not a readable DICOM file.") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        if not has_magic and len(ds) == 0:
-            raise ScanError("The file is named like a DICOM file but is not a readable DICOM file.")
         raise ScanError("The DICOM file holds no image (no pixel data): it may be a report or structured data.")
 
     steps: list[str] = []
@@ -232,6 +234,13 @@ def _read_dicom(data: bytes, filename: str | None) -> Scan:
         frame = n_frames // 2
         array = array[frame]
         steps.append(f"frame {frame + 1} of {n_frames} shown (the middle one)")
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            array = np.asarray(apply_color_lut(array, ds))
+        except (ValueError, AttributeError, KeyError, TypeError, IndexError):
+            raise ScanError("The DICOM palette (colour lookup table) is missing or invalid.") from None
     if samples > 1 or array.ndim == 3:
         array = _dicom_color_to_gray(array, ds, photometric)
         steps.append(f"{photometric or 'colour'} image converted to grayscale")
@@ -245,6 +254,14 @@ def _read_dicom(data: bytes, filename: str | None) -> Scan:
         values = values.copy()
         values[padding] = np.nan
         steps.append(f"{int(padding.sum())} padding pixels masked out")
+    if modality == "CT":
+        # Scanners without a PixelPaddingValue tag (e.g. -2048 outside the reconstruction
+        # circle) still store values no tissue or air can have; keep them out of the image.
+        outside = np.isfinite(values) & (values < CT_MIN_HU)
+        if outside.any():
+            values = values.copy()
+            values[outside] = np.nan
+            steps.append(f"{int(outside.sum())} pixels below {CT_MIN_HU:g} HU treated as outside the field of view")
     if not np.isfinite(values).any():
         raise ScanError("The DICOM image holds no valid pixel values.")
 

@@ -1,0 +1,173 @@
+"""One task page: pick a model -> upload -> validation message or result -> CAM controls.
+
+Per-session results live in `st.session_state` (never in `st.cache_data`, which is shared
+across users). The prediction is computed once per (upload, model); the heatmap once per
+(upload, model, class, method); opacity, colormap and threshold only re-blend, inside a
+fragment, with no forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import streamlit as st
+import torch
+
+from core.explain import COLORMAPS, DEFAULT_METHOD, METHODS, compute_cam, overlay
+from core.imaging import Scan, ScanError, read_scan
+from core.models import Classifier, WeightsError
+from core.predict import Prediction, predict_tensor, upload_digest
+from core.preprocess import display_rgb, model_input
+from core.tasks import TaskSpec, tasks_for_page
+from ui.cache import get_classifier
+from ui.widgets import card_summary, disclaimer, probability_chart
+
+logger = logging.getLogger(__name__)
+
+MAX_ANALYSES = 4
+UPLOAD_TYPES_HELP = "PNG, JPEG, WebP, TIFF, BMP, or DICOM (.dcm or any file with the DICOM header)"
+
+
+@dataclass
+class Analysis:
+    """What one session keeps for one (upload, model): never written anywhere."""
+
+    digest: str
+    scan: Scan
+    tensor: torch.Tensor
+    prediction: Prediction
+    rgb: np.ndarray
+    cams: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+
+
+def _count(name: str) -> None:
+    """Per-session counters of model work, shown to nobody; tests read them."""
+    st.session_state[name] = st.session_state.get(name, 0) + 1
+
+
+def choose_model(specs: list[TaskSpec], page: str) -> TaskSpec:
+    """A radio button when the page holds several models, each with what it was trained on."""
+    if len(specs) == 1:
+        st.caption(f"Model trained on: {specs[0].trained_on}.")
+        return specs[0]
+    titles = [spec.title for spec in specs]
+    chosen = st.radio("Model", titles, captions=[f"Trained on: {s.trained_on}" for s in specs], key=f"model_{page}")
+    return specs[titles.index(chosen)]
+
+
+def analyse(classifier: Classifier, data: bytes, filename: str) -> Analysis | str:
+    """Read and predict one upload, once per session; a string is the message for a bad file."""
+    digest = upload_digest(data)
+    store: OrderedDict = st.session_state.setdefault("analyses", OrderedDict())
+    key = (digest, classifier.spec.key)
+    if key in store:
+        store.move_to_end(key)
+        return store[key]
+    try:
+        scan = read_scan(data, filename)
+        tensor = model_input(scan, classifier.spec)
+        prediction = predict_tensor(classifier, tensor)
+        _count("forward_passes")
+    except ScanError as exc:
+        logger.info("upload %s rejected for %s", digest, classifier.spec.key)
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - the page must survive any file; the reason is logged, not the file
+        logger.error("upload %s failed for %s: %s", digest, classifier.spec.key, type(exc).__name__)
+        return f"This file could not be analysed (internal error: {type(exc).__name__}). Try another export of the image."
+    logger.info("upload %s -> %s: %s", digest, classifier.spec.key, prediction.label)
+    analysis = Analysis(digest, scan, tensor, prediction, display_rgb(scan))
+    store[key] = analysis
+    while len(store) > MAX_ANALYSES:
+        store.popitem(last=False)
+    return analysis
+
+
+def show_scan_notes(spec: TaskSpec, scan: Scan) -> None:
+    """What was done to the file, and a warning when a DICOM says another modality."""
+    if scan.modality and scan.modality not in spec.modalities:
+        st.warning(
+            f"This DICOM file says its modality is {scan.modality}; this model is for "
+            f"{', '.join(spec.modalities)} images. The result below is probably meaningless."
+        )
+    facts = [f"{scan.shape[1]} x {scan.shape[0]} px", scan.kind.upper()]
+    for name in ("Modality", "BodyPartExamined", "orientation", "TransferSyntax"):
+        if name in scan.info:
+            facts.append(f"{name}: {scan.info[name]}")
+    st.caption("Read as: " + ", ".join(facts) + (". Steps: " + "; ".join(scan.steps) if scan.steps else "."))
+
+
+def show_prediction(classifier: Classifier, prediction: Prediction) -> None:
+    """The decided class, its calibrated probability, and every class in a bar chart."""
+    p = float(prediction.probabilities[prediction.index])
+    st.subheader(f"Model output: {prediction.label} ({p:.1%})")
+    if prediction.threshold is not None:
+        st.caption(
+            f"Calls {prediction.positive} when its probability is at least {prediction.threshold:.2f} "
+            f"(operating threshold chosen on validation data)."
+        )
+    st.plotly_chart(probability_chart(prediction), key=f"probs_{classifier.spec.key}")
+
+
+@st.fragment
+def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
+    """CAM controls and the side-by-side viewer; re-runs alone when a control moves."""
+    spec = classifier.spec
+    prefix = f"{spec.key}_{analysis.digest}"
+    col_class, col_method, col_map = st.columns(3)
+    target = col_class.selectbox("Explain class", spec.labels, index=analysis.prediction.index, key=f"cam_class_{prefix}")
+    method = col_method.selectbox("Method", METHODS, index=METHODS.index(DEFAULT_METHOD), key=f"cam_method_{prefix}")
+    colormap = col_map.selectbox("Colormap", list(COLORMAPS), key=f"cam_cmap_{prefix}")
+    col_opacity, col_threshold = st.columns(2)
+    opacity = col_opacity.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key=f"cam_opacity_{prefix}")
+    threshold = col_threshold.slider("Hide activations below", 0.0, 0.95, 0.2, 0.05, key=f"cam_threshold_{prefix}")
+
+    cam_key = (spec.label_index(target), method)
+    if cam_key not in analysis.cams:
+        try:
+            with st.spinner(f"Computing {method} for {target}..."):
+                analysis.cams[cam_key] = compute_cam(classifier, analysis.tensor, cam_key[0], method)
+        except Exception as exc:  # noqa: BLE001 - a failed heatmap must not take the page down
+            logger.error("CAM %s failed for %s: %s", method, spec.key, type(exc).__name__)
+            st.error(f"{method} could not be computed for this image ({type(exc).__name__}); try another method.")
+            return
+        _count("cam_runs")
+    heatmap = analysis.cams[cam_key]
+    left, right = st.columns(2)
+    left.image(analysis.rgb, caption="As read", width="stretch")
+    right.image(overlay(analysis.rgb, heatmap, opacity, colormap, threshold),
+                caption=f"{method} for '{target}'", width="stretch")
+    if float(heatmap.max()) <= 0.0:
+        st.info(f"{method} finds no region that raises the score of '{target}' in this image.")
+    st.caption(
+        f"Heatmaps are coarse ({spec.cam_layer} gives a 7 x 7 grid, smoothed to the image) and normalised per "
+        "image: red marks where this image's evidence is strongest, not how strong it is. "
+        "They show what drove the model, not where disease is."
+    )
+
+
+def render_task_page(page: str) -> None:
+    """The whole screen for one app page (see `core.tasks.PAGES`)."""
+    st.set_page_config(page_title=f"{page} - SecondLook", layout="wide")
+    st.title(page)
+    disclaimer()
+    spec = choose_model(tasks_for_page(page), page)
+    try:
+        classifier = get_classifier(spec.key)
+    except (WeightsError, ValueError) as exc:
+        st.error(f"The model '{spec.title}' cannot be loaded: {exc}")
+        return
+    card_summary(classifier.card)
+    uploaded = st.file_uploader(f"Upload a scan: {UPLOAD_TYPES_HELP}", type=None, key=f"upload_{page}")
+    if uploaded is None:
+        st.info("Upload one image to see the model's prediction and heatmap. Nothing you upload is stored.")
+        return
+    result = analyse(classifier, uploaded.getvalue(), uploaded.name)
+    if isinstance(result, str):
+        st.error(result)
+        return
+    show_scan_notes(spec, result.scan)
+    show_prediction(classifier, result.prediction)
+    cam_panel(classifier, result)
