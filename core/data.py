@@ -241,6 +241,45 @@ def split_audit(records: list[Record], groups: np.ndarray, near_dup: np.ndarray,
     return audit
 
 
+def carve_split(
+    records: list[Record], images: list[np.ndarray], val_frac: float, test_frac: float, seed: int
+) -> tuple[np.ndarray, dict, str]:
+    """The project's split: near-duplicate groups (merged with patients), stratified by group.
+
+    Args:
+        records: The labelled images.
+        images: Their 8-bit pixels (uint8, H x W), as from `load_pixels`.
+        val_frac: Validation share per class.
+        test_frac: Test share per class.
+        seed: Shuffle seed.
+
+    Returns:
+        (side per record, audit dict for the card, one-line description of the method).
+    """
+    hashes = np.stack([difference_hash(img) for img in images])
+    mirrored = np.stack([difference_hash(img[:, ::-1]) for img in images])
+    near_dup = near_duplicate_groups(hashes, mirrored)
+    groups = split_groups(records, near_dup)
+    sides = stratified_group_split([r.label for r in records], groups, val_frac, test_frac, seed)
+    audit = split_audit(records, groups, near_dup, sides)
+    patients = " merged with patients" if any(r.patient for r in records) else ""
+    method = (
+        f"stratified group split (seed {seed}; {val_frac:.0%} val, {test_frac:.0%} test by image count per class); "
+        f"groups = near-duplicates (256-bit difference hash, Hamming <= {HASH_THRESHOLD}, mirrored copies included)"
+        f"{patients}"
+    )
+    return sides, audit, method
+
+
+def sample_records(records: list[Record], limit: int | None, seed: int) -> list[Record]:
+    """The first-N subset used by `--limit` (a seeded sample, identical in train and evaluate)."""
+    if not limit:
+        return records
+    import random
+
+    return random.Random(seed).sample(records, min(limit, len(records)))
+
+
 # ---------------------------------------------------------------- loading and augmentation
 
 

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.calibration import expected_calibration_error, softmax
-from core.data import Record, ScanDataset, check_labels, load_pixels, read_records
+from core.data import SPLITS, Record, ScanDataset, carve_split, check_labels, load_pixels, read_records, sample_records
 from core.models import Classifier, WeightsError, load_model
 from core.predict import decide
 from core.preprocess import normalize
@@ -91,12 +91,18 @@ def collect_logits(model: torch.nn.Module, loader: DataLoader, spec: TaskSpec, d
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, spec.num_classes), dtype=np.float32)
 
 
-def score_records(classifier: Classifier, records: list[Record], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Targets (N,) and calibrated probabilities (N, C) of a loaded model on records."""
+def score_records(
+    classifier: Classifier, records: list[Record], batch_size: int = 64, images: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Targets (N,) and calibrated probabilities (N, C) of a loaded model on records.
+
+    `images` may carry the records' pixels already read with `load_pixels`.
+    """
     spec = classifier.spec
     check_labels(records, spec)
     targets = [spec.label_index(r.label) for r in records]
-    loader = DataLoader(ScanDataset(load_pixels(records, spec), targets, spec, train=False), batch_size=batch_size)
+    images = load_pixels(records, spec) if images is None else images
+    loader = DataLoader(ScanDataset(images, targets, spec, train=False), batch_size=batch_size)
     with classifier.lock:
         logits = collect_logits(classifier.module, loader, spec, torch.device("cpu"))
     return np.asarray(targets), softmax(logits, classifier.card.temperature)
@@ -135,6 +141,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, type=Path, help="folder with manifest.csv or class subfolders")
     parser.add_argument("--weights", type=Path, default=None, help="weights file (default: weights/<task>.safetensors)")
     parser.add_argument("--split", default=None, help="score only manifest rows with this split value")
+    parser.add_argument("--card-split", choices=SPLITS, default=None,
+                        help="re-carve the split recorded in the model's card on DIR and score this side (e.g. test)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("--predictions", type=Path, default=None, help="write per-image predictions to this CSV")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -153,6 +161,20 @@ def select_split(root: Path, records: list[Record], split: str | None) -> list[R
     return chosen
 
 
+def card_side(classifier: Classifier, records: list[Record], side: str) -> tuple[list[Record], list[np.ndarray]]:
+    """The records (and pixels) on one side of the split the card says the model was trained with."""
+    config = classifier.card.training.get("config", {})
+    try:
+        seed, val_frac, test_frac = int(config["seed"]), float(config["val_frac"]), float(config["test_frac"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("the model card does not record its split settings (seed, val_frac, test_frac)") from None
+    records = sample_records(records, config.get("limit"), seed)
+    images = load_pixels(records, classifier.spec)
+    sides, _, _ = carve_split(records, images, val_frac, test_frac, seed)
+    chosen = [i for i, s in enumerate(sides) if s == side]
+    return [records[i] for i in chosen], [images[i] for i in chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     spec = get_task(args.task)
@@ -160,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         records = select_split(args.data, read_records(args.data), args.split)
         check_labels(records, spec)
         classifier = load_model(spec, args.weights)
-        targets, probabilities = score_records(classifier, records, args.batch_size)
+        images = None
+        if args.card_split:
+            records, images = card_side(classifier, records, args.card_split)
+        targets, probabilities = score_records(classifier, records, args.batch_size, images)
     except (ValueError, WeightsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -42,16 +42,14 @@ from torch.utils.data import DataLoader
 from core.calibration import choose_threshold, fit_temperature, sensitivity_specificity, softmax
 from core.cards import card_from_spec, write_card
 from core.data import (
+    SPLITS,
     ScanDataset,
     balanced_sampler,
+    carve_split,
     check_labels,
-    difference_hash,
     load_pixels,
-    near_duplicate_groups,
     read_records,
-    split_audit,
-    split_groups,
-    stratified_group_split,
+    sample_records,
 )
 from core.evaluate import collect_logits, compute_metrics
 from core.models import QUANT_FORMAT, backbone_blocks, build_model, head_parameters, load_module, save_weights, sha256_file
@@ -122,26 +120,12 @@ def seed_everything(seed: int) -> None:
 
 def make_split(spec: TaskSpec, args: argparse.Namespace) -> Split:
     """Read the folder, group near-duplicates (and patients), split train/val/test by group."""
-    records = read_records(args.data)
+    records = sample_records(read_records(args.data), args.limit, args.seed)
     check_labels(records, spec)
-    if args.limit:
-        records = random.Random(args.seed).sample(records, min(args.limit, len(records)))
     logger.info("reading %d images from %s", len(records), args.data)
     images = load_pixels(records, spec)
-    hashes = np.stack([difference_hash(img) for img in images])
-    mirrored = np.stack([difference_hash(img[:, ::-1]) for img in images])
-    near_dup = near_duplicate_groups(hashes, mirrored)
-    groups = split_groups(records, near_dup)
-    labels = [r.label for r in records]
-    sides = stratified_group_split(labels, groups, args.val_frac, args.test_frac, args.seed)
-    audit = split_audit(records, groups, near_dup, sides)
-    has_patients = any(r.patient for r in records)
-    method = (
-        "stratified group split (seed {seed}; {v:.0%} val, {t:.0%} test by image count per class); groups = "
-        "near-duplicates (256-bit difference hash, Hamming <= 10, mirrored copies included){p}"
-    ).format(seed=args.seed, v=args.val_frac, t=args.test_frac, p=" merged with patients" if has_patients else "")
-    split = Split({s: [] for s in ("train", "val", "test")}, {s: [] for s in ("train", "val", "test")},
-                  {s: [] for s in ("train", "val", "test")}, audit, method)
+    sides, audit, method = carve_split(records, images, args.val_frac, args.test_frac, args.seed)
+    split = Split({s: [] for s in SPLITS}, {s: [] for s in SPLITS}, {s: [] for s in SPLITS}, audit, method)
     for record, image, side in zip(records, images, sides):
         split.images[side].append(image)
         split.targets[side].append(spec.label_index(record.label))
@@ -314,7 +298,9 @@ def environment() -> dict:
     return {"git_commit": commit + ("+uncommitted core changes" if dirty else ""), "versions": versions}
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
+    """Train, save, calibrate, score and write the card; `argv` is recorded as the command."""
+    argv = sys.argv[1:] if argv is None else argv
     seed_everything(args.seed)
     spec = get_task(args.task)
     arch = args.arch or spec.arch
@@ -345,7 +331,7 @@ def main(args: argparse.Namespace) -> None:
         split={"method": split.method, **split.audit},
         data={"folder": spec.data_folder, "source": spec.source, "licence": spec.licence, "trained_on": spec.trained_on},
         training={
-            "command": "python -m core.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": "python -m core.train " + " ".join(shlex.quote(a) for a in argv),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
             "epochs_run": len(history.epochs),

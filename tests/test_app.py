@@ -1,0 +1,107 @@
+"""The app headless (streamlit.testing.v1.AppTest): pages render, uploads give results or messages."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core.tasks import PAGES, tasks_for_page
+from tests.conftest import REPO, encode, make_dicom, synthetic_slice
+
+PAGE_FILES = {"Brain MRI": "pages/1_Brain_MRI.py", "Chest X-ray": "pages/2_Chest_X-ray.py", "Lung CT": "pages/3_Lung_CT.py"}
+TIMEOUT = 180
+
+
+def page(name: str) -> AppTest:
+    at = AppTest.from_file(str(REPO / PAGE_FILES[name]), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "subheader", "title", "error", "warning", "info") for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_home_page_lists_tasks_and_the_notice() -> None:
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception
+    body = texts(at)
+    assert "not for diagnosis" in body
+    for name in PAGES:
+        for spec in tasks_for_page(name):
+            assert spec.title in body
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_every_page_renders_with_notice_and_model_card(name: str) -> None:
+    at = page(name)
+    body = texts(at)
+    assert "not for diagnosis" in body
+    assert "Held-out test split" in body
+    assert len(at.file_uploader) == 1
+
+
+def test_two_model_pages_say_what_each_model_was_trained_on() -> None:
+    at = page("Chest X-ray")
+    radio = at.radio[0]
+    assert len(radio.options) == 2
+    assert "Pediatric" in radio.options[0] or "Pediatric" in texts(at)
+    radio.set_value(radio.options[1]).run()
+    assert not at.exception
+    assert "Adult COVID-19" in texts(at)
+
+
+def test_upload_gives_prediction_and_heatmap_and_sliders_only_reblend() -> None:
+    at = page("Brain MRI")
+    at.file_uploader[0].set_value(("scan.png", encode(synthetic_slice(200, seed=7)), "image/png")).run()
+    assert not at.exception, at.exception
+    assert any(s.value.startswith("Model output:") for s in at.subheader)
+    assert len(at.get("plotly_chart")) == 1
+    assert len(at.get("imgs")) == 2  # original and overlay side by side
+    assert at.session_state["forward_passes"] == 1 and at.session_state["cam_runs"] == 1
+
+    at.slider[0].set_value(0.8).run()  # opacity
+    at.slider[1].set_value(0.5).run()  # threshold
+    at.selectbox[2].set_value("inferno").run()  # colormap
+    assert not at.exception
+    assert at.session_state["forward_passes"] == 1 and at.session_state["cam_runs"] == 1
+
+    at.selectbox[1].set_value("EigenCAM").run()  # method: a new CAM, no new prediction
+    assert at.session_state["forward_passes"] == 1 and at.session_state["cam_runs"] == 2
+    at.selectbox[0].set_value("pituitary").run()  # class
+    assert at.session_state["cam_runs"] == 3 and at.session_state["forward_passes"] == 1
+    assert not at.exception
+
+
+def test_dicom_upload_on_the_ct_page() -> None:
+    import numpy as np
+
+    yy, xx = np.mgrid[0:128, 0:128]
+    stored = np.where(((yy - 64) ** 2 + (xx - 64) ** 2) < 50**2, 1064, 24).astype(np.int16)
+    at = page("Lung CT")
+    at.file_uploader[0].set_value(("IMG0001", make_dicom(stored), "application/octet-stream")).run()
+    assert not at.exception, at.exception
+    body = texts(at)
+    assert "DICOM" in body and "Hounsfield" in body
+    assert any(s.value.startswith("Model output:") for s in at.subheader)
+
+
+@pytest.mark.parametrize(
+    "name,data,message",
+    [
+        ("notes.png", b"this is a text file", "not a readable image"),
+        ("empty.jpg", b"", "empty"),
+        ("fake.dcm", b"0123456789" * 50, "not a readable DICOM"),
+    ],
+)
+def test_bad_files_get_a_plain_message_and_the_page_keeps_working(name: str, data: bytes, message: str) -> None:
+    at = page("Brain MRI")
+    at.file_uploader[0].set_value((name, data, "application/octet-stream")).run()
+    assert not at.exception
+    assert any(message in e.value for e in at.error)
+    at.file_uploader[0].set_value(("good.png", encode(synthetic_slice(150, seed=1)), "image/png")).run()
+    assert not at.exception
+    assert any(s.value.startswith("Model output:") for s in at.subheader)
