@@ -176,7 +176,8 @@ def card_side(classifier: Classifier, records: list[Record], side: str) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     spec = get_task(args.task)
     try:
         records = select_split(args.data, read_records(args.data), args.split)
@@ -187,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             records, images = card_side(classifier, records, args.card_split)
         targets, probabilities = score_records(classifier, records, args.batch_size, images)
     except (ValueError, WeightsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        parser.exit(2, f"error: {exc}\n")
     predictions = decide(probabilities, spec.labels, classifier.card.positive, classifier.card.threshold)
     metrics = compute_metrics(targets, probabilities, predictions, spec)
     if args.predictions:

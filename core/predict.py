@@ -135,13 +135,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     spec = get_task(args.task)
     try:
         classifier = load_model(spec, args.weights)
     except (WeightsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        parser.exit(2, f"error: {exc}\n")
     for path in args.files:
         try:
             row = predict_file(classifier, path)
