@@ -21,5 +21,5 @@ for page in PAGES:
     with st.container(border=True):
         st.page_link(PAGE_FILES[page], label=page, icon="🩻")
         for spec in tasks_for_page(page):
-            st.markdown(f"- **{spec.title}** — trained on {spec.trained_on}.")
+            st.markdown(f"- **{spec.title}**: {spec.trained_on}.")
 st.caption("Nothing you upload is written to disk or kept after your session. Images are analysed in memory only.")
