@@ -116,6 +116,30 @@ def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _POPCOUNT[xor.view(np.uint8)].sum(axis=2, dtype=np.int32)
 
 
+class _Components:
+    """Union-find over 0..n-1: join pairs, then read connected-component labels."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def labels(self) -> np.ndarray:
+        """int64 component id per element, numbered 0..G-1."""
+        roots = np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+        return np.unique(roots, return_inverse=True)[1].astype(np.int64)
+
+
 def near_duplicate_groups(hashes: np.ndarray, mirrored: np.ndarray, threshold: int = HASH_THRESHOLD) -> np.ndarray:
     """Group images whose hashes (or one's mirror image) lie within `threshold` bits.
 
@@ -127,26 +151,14 @@ def near_duplicate_groups(hashes: np.ndarray, mirrored: np.ndarray, threshold: i
     Returns:
         int64 (N,) group id per image (connected components; ids are 0..G-1).
     """
-    n = len(hashes)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    components = _Components(len(hashes))
     chunk = 256
-    for start in range(0, n, chunk):
+    for start in range(0, len(hashes), chunk):
         block = hashes[start : start + chunk]
         close = (_hamming(block, hashes) <= threshold) | (_hamming(block, mirrored) <= threshold)
         for i, j in zip(*np.nonzero(close)):
-            a, b = find(start + int(i)), find(int(j))
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    roots = np.array([find(i) for i in range(n)])
-    _, ids = np.unique(roots, return_inverse=True)
-    return ids.astype(np.int64)
+            components.join(start + int(i), int(j))
+    return components.labels()
 
 
 def split_groups(records: list[Record], near_dup: np.ndarray) -> np.ndarray:
@@ -155,28 +167,13 @@ def split_groups(records: list[Record], near_dup: np.ndarray) -> np.ndarray:
     Returns:
         int64 (N,) group id per record.
     """
-    n = len(records)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    components = _Components(len(records))
     first_of: dict[tuple[str, object], int] = {}
     for i, record in enumerate(records):
         keys = [("dup", int(near_dup[i]))] + ([("patient", record.patient)] if record.patient else [])
         for key in keys:
-            if key in first_of:
-                a, b = find(i), find(first_of[key])
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-            else:
-                first_of[key] = i
-    roots = np.array([find(i) for i in range(n)])
-    _, ids = np.unique(roots, return_inverse=True)
-    return ids.astype(np.int64)
+            components.join(i, first_of.setdefault(key, i))
+    return components.labels()
 
 
 def stratified_group_split(
