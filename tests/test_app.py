@@ -60,7 +60,7 @@ def test_upload_gives_prediction_and_heatmap_and_sliders_only_reblend() -> None:
     assert not at.exception, at.exception
     assert any(s.value.startswith("Model output:") for s in at.subheader)
     assert len(at.get("plotly_chart")) == 1
-    assert len(at.get("imgs")) == 2  # original and overlay side by side
+    assert len(at.get("image")) == 2  # original and overlay side by side
     assert at.session_state["forward_passes"] == 1 and at.session_state["cam_runs"] == 1
 
     at.slider[0].set_value(0.8).run()  # opacity
