@@ -284,7 +284,7 @@ def environment() -> dict:
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "core"], capture_output=True, text=True).stdout.strip())
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "core"], capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     versions = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -301,6 +301,7 @@ def environment() -> dict:
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     """Train, save, calibrate, score and write the card; `argv` is recorded as the command."""
     argv = sys.argv[1:] if argv is None else argv
+    provenance = environment()  # the code as it was when training started
     seed_everything(args.seed)
     spec = get_task(args.task)
     arch = args.arch or spec.arch
@@ -338,7 +339,7 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
             "best_epoch": history.best_epoch,
             "history": history.epochs,
             "seconds": round(time.time() - started),
-            **environment(),
+            **provenance,
         },
         sha256="",
         weights_format=f"safetensors, {QUANT_FORMAT} (int8 kernels with fp32 per-output-channel scales)",
