@@ -283,8 +283,10 @@ def environment() -> dict:
     import torchvision
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "core"], capture_output=True, text=True, check=True).stdout.strip())
+        repo = Path(__file__).resolve().parent.parent
+        git = dict(capture_output=True, text=True, check=True, cwd=repo)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **git).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "core"], **git).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     versions = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
