@@ -84,6 +84,19 @@ def wait_for_text(driver, text: str, timeout: float = 120.0) -> str:
     raise AssertionError(f"{text!r} did not appear; page says: {body[:2000]}")
 
 
+def wait_for_upload_input(driver, timeout: float = 120.0):
+    """The file input appears once the page's model has loaded."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        inputs = driver.find_elements(By.CSS_SELECTOR, "input[type=file]")
+        if inputs:
+            return inputs[0]
+        time.sleep(0.5)
+    raise AssertionError("no upload field appeared")
+
+
 def artifacts(tmp_path: Path) -> Path:
     folder = Path(os.environ.get("SECONDLOOK_ARTIFACTS", tmp_path))
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,10 +117,15 @@ def test_upload_shows_prediction_and_heatmap(server, browser, tmp_path: Path, pa
     upload.write_bytes(make())
     browser.get(f"{server}/{page}")
     wait_for_text(browser, "not for diagnosis")
-    browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(upload))
+    wait_for_upload_input(browser).send_keys(str(upload))
     body = wait_for_text(browser, "Model output:")
     wait_for_text(browser, "Grad-CAM for")
-    images = [img for img in browser.find_elements(By.TAG_NAME, "img") if img.size["width"] > 100]
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        images = [img for img in browser.find_elements(By.TAG_NAME, "img") if img.size["width"] > 100]
+        if len(images) >= 2:
+            break
+        time.sleep(0.5)
     assert len(images) >= 2, "original and overlay should both be shown"
     assert "Traceback" not in body
     browser.save_screenshot(str(artifacts(tmp_path) / f"{page}.png"))
@@ -120,6 +138,6 @@ def test_bad_upload_gets_a_message_in_the_browser(server, browser, tmp_path: Pat
     upload.write_bytes(b"%PDF-1.4 this is a report, not an image")
     browser.get(f"{server}/Brain_MRI")
     wait_for_text(browser, "not for diagnosis")
-    browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(upload))
+    wait_for_upload_input(browser).send_keys(str(upload))
     body = wait_for_text(browser, "not a readable image")
     assert "Traceback" not in body
