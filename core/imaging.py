@@ -385,6 +385,8 @@ def _voi(values: np.ndarray, ds: Any, modality: str | None, steps: list[str]) ->
 
         try:
             finite = np.nan_to_num(values, nan=float(np.nanmin(values)))
+            if np.array_equal(finite, np.round(finite)):
+                finite = finite.astype(np.int64)  # a LUT indexes stored integer values
             out = np.asarray(apply_voi_lut(finite, ds, prefer_lut=True), dtype=np.float32)
             steps.append("VOI LUT from the file applied")
             return _rescale(out), None
