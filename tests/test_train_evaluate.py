@@ -78,3 +78,16 @@ def test_evaluate_refuses_unknown_labels(synthetic_folder: Path, trained: Path) 
     result = run_evaluate("--task", "brain_mri", "--data", str(synthetic_folder))
     assert result.returncode == 2
     assert "not classes of brain_mri" in result.stderr and "glioma" in result.stderr
+
+
+def test_training_imports_stay_lean() -> None:
+    """The GPU machines have torch/timm/numpy/opencv/sklearn but not streamlit, grad-cam or pydicom."""
+    code = (
+        "import sys\n"
+        "for name in ('streamlit', 'pytorch_grad_cam', 'pydicom', 'plotly'):\n"
+        "    sys.modules[name] = None\n"
+        "import core.train, core.evaluate\n"
+        "core.train.get_args_parser().parse_args(['--task', 'brain_mri', '--data', '.'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
