@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,8 +273,6 @@ def sample_records(records: list[Record], limit: int | None, seed: int) -> list[
     """The first-N subset used by `--limit` (a seeded sample, identical in train and evaluate)."""
     if not limit:
         return records
-    import random
-
     return random.Random(seed).sample(records, min(limit, len(records)))
 
 

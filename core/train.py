@@ -97,7 +97,6 @@ class Split:
 
     images: dict[str, list[np.ndarray]]
     targets: dict[str, list[int]]
-    rel: dict[str, list[str]]
     audit: dict
     method: str
 
@@ -125,11 +124,10 @@ def make_split(spec: TaskSpec, args: argparse.Namespace) -> Split:
     logger.info("reading %d images from %s", len(records), args.data)
     images = load_pixels(records, spec)
     sides, audit, method = carve_split(records, images, args.val_frac, args.test_frac, args.seed)
-    split = Split({s: [] for s in SPLITS}, {s: [] for s in SPLITS}, {s: [] for s in SPLITS}, audit, method)
+    split = Split({s: [] for s in SPLITS}, {s: [] for s in SPLITS}, audit, method)
     for record, image, side in zip(records, images, sides):
         split.images[side].append(image)
         split.targets[side].append(spec.label_index(record.label))
-        split.rel[side].append(record.rel)
     logger.info("split: %s", audit["counts"])
     return split
 

@@ -132,8 +132,6 @@ def test_upload_shows_prediction_and_heatmap(server, browser, tmp_path: Path, pa
 
 
 def test_bad_upload_gets_a_message_in_the_browser(server, browser, tmp_path: Path) -> None:
-    from selenium.webdriver.common.by import By
-
     upload = tmp_path / "report.png"
     upload.write_bytes(b"%PDF-1.4 this is a report, not an image")
     browser.get(f"{server}/Brain_MRI")

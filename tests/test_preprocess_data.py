@@ -20,7 +20,7 @@ from core.data import (
 from core.imaging import read_scan
 from core.preprocess import display_rgb, model_input, model_pixels, normalize, quantize_8bit, resize_square
 from core.tasks import TASKS, get_task, tasks_for_page
-from tests.conftest import encode, make_dicom, synthetic_slice
+from tests.conftest import make_dicom, synthetic_slice
 
 
 def test_registry_lookups_fail_loudly() -> None:
