@@ -400,13 +400,14 @@ def _voi(values: np.ndarray, ds: Any, modality: str | None, steps: list[str]) ->
         if np.isfinite(center) and np.isfinite(width) and width > 0:
             steps.append(f"window from the file (centre {center:g}, width {width:g})")
             return window_values(values, center, width), (center, width)
+        steps.append("the file's window is invalid and was ignored")
     finite = values[np.isfinite(values)]
     low, high = np.percentile(finite, [0.5, 99.5])
     if high <= low:
         low, high = float(finite.min()), float(finite.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.float32), None
-    steps.append("no window in the file: scaled to the 0.5-99.5 percentile range")
+    steps.append("scaled to the 0.5-99.5 percentile range (no usable window in the file)")
     center, width = (low + high) / 2.0, high - low
     return window_values(values, center, width), (float(center), float(width))
 
