@@ -42,6 +42,7 @@ class ModelCard:
     sha256: str = ""
     weights_format: str = ""
     intended_use: str = ""
+    guard: dict[str, Any] = field(default_factory=dict)
     limitations: list[str] = field(default_factory=list)
     card_version: int = CARD_VERSION
 

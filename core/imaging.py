@@ -222,6 +222,12 @@ def _read_dicom(data: bytes, filename: str | None) -> Scan:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ScanError("The DICOM file holds no image (no pixel data): it may be a report or structured data.")
 
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        # The pixels carry text that may identify the patient; nothing of it is shown or kept.
+        raise ScanError(
+            "The DICOM file says its image has burned-in annotation (text in the pixels that may identify "
+            "the patient), so it was not shown or analysed. Export the image without annotations."
+        )
     steps: list[str] = []
     modality = str(ds.get("Modality", "") or "").upper() or None
     photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from core.cards import ModelCard, check_card, read_card
+from core.guard import GuardStats
 from core.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Classifier:
     spec: TaskSpec
     card: ModelCard
     module: nn.Module
+    guard: "GuardStats | None" = None
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -238,16 +240,43 @@ def load_model(spec: TaskSpec, weights: Path | None = None, card_path: Path | No
     if card.sha256 and digest != card.sha256:
         raise WeightsError(f"{weights.name} sha256 {digest[:12]}... does not match its card ({card.sha256[:12]}...)")
     module = load_module(spec, weights, arch=card.arch)
-    return Classifier(spec=spec, card=card, module=module)
+    return Classifier(spec=spec, card=card, module=module, guard=load_guard(card, weights.parent))
 
 
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the classification head (the part replaced for our classes)."""
+def load_guard(card: ModelCard, folder: Path) -> GuardStats | None:
+    """The wrong-input guard named in the card, checked against its sha256; None if the card names none.
+
+    Raises:
+        WeightsError: If the named file is missing or altered.
+    """
+    name, digest = card.guard.get("file"), card.guard.get("sha256")
+    if not name:
+        return None
+    from safetensors.torch import load_file
+
+    path = folder / name
+    if not path.is_file():
+        raise WeightsError(f"guard file named by the card not found: {path}")
+    if sha256_file(path) != digest:
+        raise WeightsError(f"{path.name} sha256 does not match its card")
+    try:
+        return GuardStats.from_tensors(load_file(str(path)))
+    except (KeyError, IndexError, ValueError, OSError) as exc:
+        raise WeightsError(f"{path.name} is not a valid guard file ({type(exc).__name__}: {exc})") from None
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classification head (the part replaced for our classes); its input is the pooled feature."""
     for name in ("classifier", "fc", "head"):
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
-            return list(head.parameters())
+            return head
     raise ValueError(f"no classifier head found on {type(model).__name__}")
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the classification head."""
+    return list(head_module(model).parameters())
 
 
 def backbone_blocks(model: nn.Module) -> list[nn.Module]:

@@ -23,7 +23,8 @@ import torch
 
 from core.calibration import softmax
 from core.imaging import Scan, ScanError, read_scan
-from core.models import Classifier, WeightsError, load_model
+from core.guard import check_tags, explain_flag
+from core.models import Classifier, WeightsError, head_module, load_model
 from core.preprocess import model_input
 from core.tasks import TASKS, get_task
 
@@ -40,6 +41,7 @@ class Prediction:
         index: Index of the decided class.
         threshold: Operating threshold on the positive class, where the model has one.
         positive: The thresholded class, where the model has one.
+        flag: Why the wrong-input guard thinks the scan does not belong to this model, or None.
     """
 
     labels: tuple[str, ...]
@@ -47,6 +49,7 @@ class Prediction:
     index: int
     threshold: float | None = None
     positive: str | None = None
+    flag: str | None = None
 
     @property
     def label(self) -> str:
@@ -77,6 +80,23 @@ def decide(probabilities: np.ndarray, labels: tuple[str, ...], positive: str | N
     return decided.astype(np.int64)
 
 
+def forward(classifier: Classifier, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) and pooled penultimate features (N, D) in one pass, under the model's lock."""
+    captured: list[torch.Tensor] = []
+
+    def keep_input(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        features = inputs[0]
+        captured.append(features.mean(dim=(2, 3)) if features.ndim == 4 else features.flatten(1))
+
+    with classifier.lock, torch.inference_mode():
+        handle = head_module(classifier.module).register_forward_pre_hook(keep_input)
+        try:
+            logits = classifier.module(batch)
+        finally:
+            handle.remove()
+    return logits.float().cpu().numpy(), captured[0].float().cpu().numpy()
+
+
 def logits_of(classifier: Classifier, batch: torch.Tensor) -> np.ndarray:
     """Raw logits for a normalised batch (N, 3, S, S), under the model's lock."""
     with classifier.lock, torch.inference_mode():
@@ -88,17 +108,29 @@ def probabilities_of(classifier: Classifier, batch: torch.Tensor) -> np.ndarray:
     return softmax(logits_of(classifier, batch), classifier.card.temperature)
 
 
-def predict_tensor(classifier: Classifier, tensor: torch.Tensor) -> Prediction:
-    """Prediction for one normalised input (1, 3, S, S)."""
-    probs = probabilities_of(classifier, tensor)
+def predict_tensor(classifier: Classifier, tensor: torch.Tensor, scan: Scan | None = None) -> Prediction:
+    """Prediction for one normalised input (1, 3, S, S), with the wrong-input guard's verdict.
+
+    Args:
+        classifier: A loaded model.
+        tensor: The model input.
+        scan: The scan it was made from, for the DICOM tag check (optional).
+    """
+    logits, features = forward(classifier, tensor)
+    probs = softmax(logits, classifier.card.temperature)
     card = classifier.card
     index = int(decide(probs, classifier.spec.labels, card.positive, card.threshold)[0])
-    return Prediction(classifier.spec.labels, probs[0], index, card.threshold, card.positive)
+    flag = check_tags(scan, classifier.spec) if scan is not None else None
+    if flag is None and classifier.guard is not None:
+        belonging = float(classifier.guard.belonging(features)[0])
+        if belonging < classifier.guard.threshold:
+            flag = explain_flag(classifier.spec, belonging)
+    return Prediction(classifier.spec.labels, probs[0], index, card.threshold, card.positive, flag)
 
 
 def predict_scan(classifier: Classifier, scan: Scan) -> Prediction:
     """Prediction for a read scan (preprocessed the way the model was trained)."""
-    return predict_tensor(classifier, model_input(scan, classifier.spec))
+    return predict_tensor(classifier, model_input(scan, classifier.spec), scan)
 
 
 def upload_digest(data: bytes) -> str:
@@ -121,6 +153,10 @@ def predict_file(classifier: Classifier, path: Path) -> dict:
         logger.info("upload %s rejected for %s", upload_digest(data), classifier.spec.key)
         return row
     prediction = predict_scan(classifier, scan)
+    if prediction.flag:
+        row.update(status="rejected", reason=f"Not classified: {prediction.flag}.")
+        logger.info("upload %s flagged for %s", upload_digest(data), classifier.spec.key)
+        return row
     row.update(status="ok", prediction=prediction.label, probabilities=prediction.as_dict())
     logger.info("upload %s -> %s: %s", upload_digest(data), classifier.spec.key, prediction.label)
     return row

@@ -153,6 +153,7 @@ CORPUS: dict[str, tuple[str, Factory, str]] = {
     "dicom_rows_lie": ("rows.dcm", lambda: _dicom_edit(Rows=4000, Columns=4000), "refused"),
     "dicom_zero_slope": ("flat.dcm", lambda: _dicom_edit(RescaleSlope=0), "refused"),
     "dicom_bad_window": ("win.dcm", lambda: make_dicom(_ct(), modality="MR", slope=None, window=(100, -5)), "ok"),
+    "dicom_burned_in_annotation": ("burned.dcm", lambda: make_dicom(_ct(), extra={"BurnedInAnnotation": "YES"}), "refused"),
     "dicom_magic_only": ("magic.dcm", lambda: b"\x00" * 128 + b"DICM", "refused"),
     "dcm_name_not_dicom": ("fake.dcm", lambda: b"just some text in a file called .dcm " * 10, "refused"),
 }

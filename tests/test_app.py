@@ -19,6 +19,18 @@ def page(name: str) -> AppTest:
     return at
 
 
+def upload(at: AppTest, name: str, data: bytes, mime: str = "image/png") -> AppTest:
+    """Upload a file; where the wrong-input guard flags it, ask to see the output anyway."""
+    at.file_uploader[0].set_value((name, data, mime)).run()
+    if flagged(at):
+        at.checkbox(key=next(c.key for c in at.checkbox if c.key.startswith("override_"))).check().run()
+    return at
+
+
+def flagged(at: AppTest) -> bool:
+    return any("Not classified" in w.value for w in at.warning)
+
+
 def texts(at: AppTest) -> str:
     parts = [e.value for kind in ("markdown", "caption", "subheader", "title", "error", "warning", "info") for e in getattr(at, kind)]
     return "\n".join(str(p) for p in parts)
@@ -56,7 +68,7 @@ def test_two_model_pages_say_what_each_model_was_trained_on() -> None:
 
 def test_upload_gives_prediction_and_heatmap_and_sliders_only_reblend() -> None:
     at = page("Brain MRI")
-    at.file_uploader[0].set_value(("scan.png", encode(synthetic_slice(200, seed=7)), "image/png")).run()
+    upload(at, "scan.png", encode(synthetic_slice(200, seed=7)))
     assert not at.exception, at.exception
     assert any(s.value.startswith("Model output:") for s in at.subheader)
     assert len(at.get("plotly_chart")) == 1
@@ -82,7 +94,7 @@ def test_dicom_upload_on_the_ct_page() -> None:
     yy, xx = np.mgrid[0:128, 0:128]
     stored = np.where(((yy - 64) ** 2 + (xx - 64) ** 2) < 50**2, 1064, 24).astype(np.int16)
     at = page("Lung CT")
-    at.file_uploader[0].set_value(("IMG0001", make_dicom(stored), "application/octet-stream")).run()
+    upload(at, "IMG0001", make_dicom(stored), "application/octet-stream")
     assert not at.exception, at.exception
     body = texts(at)
     assert "DICOM" in body and "Hounsfield" in body
@@ -102,6 +114,30 @@ def test_bad_files_get_a_plain_message_and_the_page_keeps_working(name: str, dat
     at.file_uploader[0].set_value((name, data, "application/octet-stream")).run()
     assert not at.exception
     assert any(message in e.value for e in at.error)
-    at.file_uploader[0].set_value(("good.png", encode(synthetic_slice(150, seed=1)), "image/png")).run()
+    upload(at, "good.png", encode(synthetic_slice(150, seed=1)))
     assert not at.exception
     assert any(s.value.startswith("Model output:") for s in at.subheader)
+
+
+def test_a_flagged_upload_is_not_classified_until_the_reader_asks() -> None:
+    """A document on the Brain MRI page: flagged, no output shown, unless the reader insists."""
+    from core.guard_fit import document_arrays
+
+    at = page("Brain MRI")
+    at.file_uploader[0].set_value(("letter.png", encode(document_arrays(1, seed=5)[0]), "image/png")).run()
+    assert not at.exception
+    assert flagged(at)
+    assert not any(s.value.startswith("Model output:") for s in at.subheader)
+    assert "forward_passes" in at.session_state and not at.get("image")
+    upload(at, "letter.png", encode(document_arrays(1, seed=5)[0]))
+    assert any(s.value.startswith("Model output:") for s in at.subheader)
+
+
+def test_dicom_of_another_modality_is_flagged_by_its_tags() -> None:
+    import numpy as np
+
+    at = page("Brain MRI")
+    array = np.tile((np.arange(128) * 30).astype(np.uint16), (128, 1))
+    at.file_uploader[0].set_value(("us.dcm", make_dicom(array, modality="US", slope=None), "application/dicom")).run()
+    assert not at.exception
+    assert any("modality is US" in w.value for w in at.warning)

@@ -44,6 +44,8 @@ def test_upload_to_heatmap_writes_nothing_and_shows_no_patient_tags(caplog) -> N
     _recording = []
     try:
         at.file_uploader[0].set_value(("IM0001.dcm", data, "application/dicom")).run()
+        if any("Not classified" in w.value for w in at.warning):
+            at.checkbox[0].check().run()
         at.selectbox[1].set_value("Grad-CAM++").run()
         at.slider[0].set_value(0.7).run()
     finally:

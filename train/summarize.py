@@ -30,5 +30,25 @@ def main(folder: Path) -> None:
               f"{t['epochs_run']} (best {t['best_epoch']}) | {t['seconds'] / 60:.0f} min |")
 
 
+def guard_table(folder: Path) -> None:
+    """Flag rates of each model's wrong-input guard (share of images flagged, with n)."""
+    print("| key | own test images (should be low) | other tasks' test images | photos | documents / screenshots |")
+    print("|---|---|---|---|---|")
+    for path in sorted(folder.glob("*.json")):
+        card = json.loads(path.read_text())
+        measured = card.get("guard", {}).get("measured")
+        if not measured:
+            continue
+
+        def cell(part: dict) -> str:
+            return f"{part['flagged']:.1%} of {part['n']}"
+
+        print(f"| {card['key']} | {cell(measured['right_task_test'])} | {cell(measured['other_tasks_all'])} | "
+              f"{cell(measured['photos_held_out'])} | {cell(measured['documents_screenshots_held_out'])} |")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "weights")
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "weights"
+    main(folder)
+    print()
+    guard_table(folder)

@@ -69,7 +69,7 @@ def analyse(classifier: Classifier, data: bytes, filename: str) -> Analysis | st
     try:
         scan = read_scan(data, filename)
         tensor = model_input(scan, classifier.spec)
-        prediction = predict_tensor(classifier, tensor)
+        prediction = predict_tensor(classifier, tensor, scan)
         _count("forward_passes")
     except ScanError as exc:
         logger.info("upload %s rejected for %s", digest, classifier.spec.key)
@@ -85,13 +85,8 @@ def analyse(classifier: Classifier, data: bytes, filename: str) -> Analysis | st
     return analysis
 
 
-def show_scan_notes(spec: TaskSpec, scan: Scan) -> None:
-    """What was done to the file, and a warning when a DICOM says another modality."""
-    if scan.modality and scan.modality not in spec.modalities:
-        st.warning(
-            f"This DICOM file says its modality is {scan.modality}; this model is for "
-            f"{', '.join(spec.modalities)} images. The result below is probably meaningless."
-        )
+def show_scan_notes(scan: Scan) -> None:
+    """What was read from the file and what was done to it."""
     facts = [f"{scan.shape[1]} x {scan.shape[0]} px", scan.kind.upper()]
     for name in ("Modality", "BodyPartExamined", "orientation", "TransferSyntax"):
         if name in scan.info:
@@ -168,6 +163,17 @@ def render_task_page(page: str) -> None:
     if isinstance(result, str):
         st.error(result)
         return
-    show_scan_notes(spec, result.scan)
+    show_scan_notes(result.scan)
+    if result.prediction.flag and not confirm_flagged(spec, result):
+        return
     show_prediction(classifier, result.prediction)
     cam_panel(classifier, result)
+
+
+def confirm_flagged(spec: TaskSpec, analysis: Analysis) -> bool:
+    """Say why the scan was not classified; True only if the reader asks to see the output anyway."""
+    st.warning(f"**Not classified:** {analysis.prediction.flag}.", icon="🚫")
+    return st.checkbox(
+        "Show the model's output anyway (it was not trained for this image; the output is probably meaningless)",
+        key=f"override_{spec.key}_{analysis.digest}",
+    )

@@ -1,0 +1,234 @@
+"""Fit a model's wrong-input guard and measure it; writes weights/<key>.guard.safetensors and the card.
+
+Run as `python -m core.guard --data-root ../shared/data [--task KEY]`. Measured on:
+- the right task: the test side of the split recorded in the card (never used to fit);
+- every other task's images (a seeded sample per task);
+- non-medical images: scikit-image's sample photos (whole, crops, mirrors) and synthetic
+  documents and screenshots drawn here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from core.cards import read_card, write_card
+from core.data import ScanDataset, carve_split, load_pixels, read_records, sample_records
+from core.guard import VAL_QUANTILE, GuardStats
+from core.imaging import ScanError, read_scan
+from core.models import WEIGHTS_DIR, Classifier, load_model, sha256_file
+from core.predict import forward
+from core.preprocess import base_pixels, normalize
+from core.tasks import TASKS, get_task
+
+logger = logging.getLogger("core.guard")
+
+NON_MEDICAL_WEIGHT = 10.0
+FIT_CROPS = 12
+PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "moon", "page", "text", "coins", "clock",
+          "hubble_deep_field", "immunohistochemistry", "colorwheel", "logo", "horse", "cat", "brick", "grass",
+          "gravel", "checkerboard", "cell", "shepp_logan_phantom")
+
+
+def features_of(classifier: Classifier, images: list[np.ndarray], batch_size: int = 64) -> np.ndarray:
+    """Pooled penultimate features (N, D) of 8-bit model pixels, exactly as at inference."""
+    spec = classifier.spec
+    loader = DataLoader(ScanDataset(images, [0] * len(images), spec, train=False), batch_size=batch_size)
+    rows = [forward(classifier, normalize(batch, spec))[1] for batch, _ in loader]
+    return np.concatenate(rows) if rows else np.zeros((0, 1), dtype=np.float32)
+
+
+def _to_model_pixels(array: np.ndarray, spec) -> np.ndarray | None:
+    """An array through PNG bytes and read_scan, as an upload would go."""
+    from PIL import Image
+
+    if array.dtype != np.uint8:
+        array = np.clip(array * (255 if array.max() <= 1 else 1), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    try:
+        scan = read_scan(buffer.getvalue(), "upload.png")
+    except ScanError:
+        return None
+    return np.round(base_pixels(scan, spec) * 255).astype(np.uint8)
+
+
+def photo_arrays(names: tuple[str, ...], seed: int = 0, crops: int = 4) -> list[np.ndarray]:
+    """scikit-image sample photos: each whole, mirrored and in `crops` random crops."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in names:
+        image = np.asarray(getattr(skimage.data, name)())
+        if image.dtype == bool:
+            image = image.astype(np.uint8) * 255
+        out += [image, image[:, ::-1]]
+        height, width = image.shape[:2]
+        for _ in range(crops):
+            h, w = int(height * rng.uniform(0.4, 0.8)), int(width * rng.uniform(0.4, 0.8))
+            y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+            out.append(image[y : y + h, x : x + w])
+    return out
+
+
+def document_arrays(count: int = 120, seed: int = 0) -> list[np.ndarray]:
+    """Synthetic documents (text pages, forms, tables) and screenshots (windows, buttons, text)."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    words = "patient report findings impression history scan clinic date signed normal follow up dose".split()
+    out = []
+    for i in range(count):
+        width, height = rng.choice([(600, 800), (800, 600), (1024, 640), (420, 600)])
+        screenshot = i % 2 == 1
+        background = (rng.randint(30, 60),) * 3 if screenshot and rng.random() < 0.5 else (rng.randint(225, 255),) * 3
+        image = Image.new("RGB", (width, height), background)
+        draw = ImageDraw.Draw(image)
+        ink = (20, 20, 20) if background[0] > 128 else (230, 230, 230)
+        y = rng.randint(10, 40)
+        if screenshot:
+            draw.rectangle([0, 0, width, 28], fill=(rng.randint(40, 200), rng.randint(40, 200), rng.randint(40, 200)))
+            for _ in range(rng.randint(2, 6)):
+                x0, y0 = rng.randint(0, width - 120), rng.randint(40, height - 40)
+                draw.rectangle([x0, y0, x0 + rng.randint(60, 200), y0 + rng.randint(20, 40)],
+                               outline=ink, fill=(rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255)))
+        while y < height - 20:
+            line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+            draw.text((rng.randint(10, 40), y), line, fill=ink)
+            if rng.random() < 0.15:
+                draw.line([10, y + 16, width - 10, y + 16], fill=ink)
+            y += rng.randint(14, 26)
+        out.append(np.asarray(image))
+    return out
+
+
+def flag_rate(stats: GuardStats, features: np.ndarray) -> dict:
+    """Share of rows the guard flags, and how many were scored."""
+    if len(features) == 0:
+        return {"flagged": None, "n": 0}
+    return {"flagged": float(stats.flags(features).mean()), "n": int(len(features))}
+
+
+@dataclass
+class Dataset:
+    """One data folder read once: 8-bit pixels and the split side of each image."""
+
+    pixels: list[np.ndarray]
+    sides: np.ndarray
+
+    def side(self, name: str, limit: int | None, seed: int) -> list[np.ndarray]:
+        chosen = [p for p, s in zip(self.pixels, self.sides) if s == name]
+        return random.Random(seed).sample(chosen, min(limit, len(chosen))) if limit else chosen
+
+
+def read_dataset(root: Path, key: str, folder: Path) -> Dataset:
+    """A task's folder with the split its card records (seed, fractions, limit)."""
+    spec = get_task(key)
+    config = read_card(folder / f"{key}.json").training["config"]
+    seed = int(config["seed"])
+    records = sample_records(read_records(root / spec.data_folder), config.get("limit"), seed)
+    pixels = load_pixels(records, spec)
+    sides, _, _ = carve_split(records, pixels, float(config["val_frac"]), float(config["test_frac"]), seed)
+    return Dataset(pixels, sides)
+
+
+def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray, weights: np.ndarray) -> GuardStats:
+    """Weighted logistic regression, positives against negatives; threshold from validation positives.
+
+    Args:
+        positive: Features (P, D) of the model's own training images.
+        negative: Features (M, D) of other images.
+        validation: Features of the model's own validation images.
+        weights: (M,) relative weight of each negative; the positives together weigh as much as
+            all negatives together.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    features = np.concatenate([positive, negative])
+    labels = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
+    sample_weight = np.concatenate([np.full(len(positive), weights.sum() / len(positive)), weights])
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0) + 1e-6
+    model = LogisticRegression(C=0.05, max_iter=3000)
+    model.fit((features - mean) / scale, labels, sample_weight=sample_weight)
+    stats = GuardStats(mean.astype(np.float32), scale.astype(np.float32), model.coef_[0].astype(np.float32),
+                       float(model.intercept_[0]), 0.5)
+    threshold = float(np.quantile(stats.belonging(validation), VAL_QUANTILE))
+    return GuardStats(stats.mean, stats.scale, stats.weight, stats.bias, threshold)
+
+
+def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
+    """Fit and measure the guard of every chosen task; write guard files and cards."""
+    from safetensors.torch import save_file
+
+    folder = args.weights_dir or WEIGHTS_DIR
+    keys = args.task or list(TASKS)
+    datasets = {key: read_dataset(args.data_root, key, folder) for key in TASKS}
+    reference = get_task(keys[0])
+    photos_fit = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[::2], seed=1, crops=FIT_CROPS)]
+    photos_test = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[1::2], seed=2)]
+    docs_fit = [_to_model_pixels(a, reference) for a in document_arrays(80, seed=1)]
+    docs_test = [_to_model_pixels(a, reference) for a in document_arrays(120, seed=2)]
+    results = {}
+    for key in keys:
+        spec = get_task(key)
+        classifier = load_model(spec, folder / f"{key}.safetensors")
+        own = datasets[key]
+        positive = features_of(classifier, own.side("train", args.fit_images, 0))
+        others = {k: d for k, d in datasets.items() if get_task(k).data_folder != spec.data_folder}
+        medical = [p for d in others.values() for p in d.side("train", args.other_images, 0)]
+        non_medical = [p for p in photos_fit + docs_fit if p is not None]
+        negative = features_of(classifier, medical + non_medical)
+        # Photos and documents are few next to the other tasks' scans; weigh each of them more.
+        weights = np.concatenate([np.ones(len(medical)), np.full(len(non_medical), NON_MEDICAL_WEIGHT)])
+        stats = fit_stats(positive, negative, features_of(classifier, own.side("val", None, 0)), weights)
+        measured = {
+            "right_task_test": flag_rate(stats, features_of(classifier, own.side("test", None, 0))),
+            "other_tasks_test": {
+                k: flag_rate(stats, features_of(classifier, d.side("test", args.test_images, 0))) for k, d in others.items()
+            },
+            "photos_held_out": flag_rate(stats, features_of(classifier, [p for p in photos_test if p is not None])),
+            "documents_screenshots_held_out": flag_rate(
+                stats, features_of(classifier, [p for p in docs_test if p is not None])),
+        }
+        parts = list(measured["other_tasks_test"].values())
+        measured["other_tasks_all"] = {
+            "flagged": sum(p["flagged"] * p["n"] for p in parts) / max(sum(p["n"] for p in parts), 1),
+            "n": sum(p["n"] for p in parts),
+        }
+        path = folder / f"{key}.guard.safetensors"
+        save_file(stats.as_tensors(), str(path))
+        card = classifier.card
+        card.guard = {
+            "file": path.name,
+            "sha256": sha256_file(path),
+            "method": (
+                "DICOM Modality / BodyPartExamined checked first where present; then a logistic 'belongs' score on this "
+                f"model's penultimate features, fitted on {len(positive)} of its training images against "
+                f"{len(negative)} training images of the other tasks, scikit-image photos ({len(PHOTOS[::2])} "
+                f"of them, whole, mirrored and {FIT_CROPS} crops each) and synthetic documents/screenshots; flagged below "
+                f"{stats.threshold:.3f} (the {VAL_QUANTILE:.0%} quantile of its validation images); photos and documents "
+                f"weigh {NON_MEDICAL_WEIGHT:g} times a scan among the negatives"
+            ),
+            "threshold": stats.threshold,
+            "measured": measured,
+            "measured_on": ("own test split; other tasks' test splits (seeded sample); the other "
+                            f"{len(PHOTOS[1::2])} scikit-image photos (whole, mirrored, cropped); "
+                            "documents/screenshots drawn with another seed"),
+            "command": "python -m core.guard " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        write_card(card, folder / f"{key}.json")
+        results[key] = measured
+        logger.info("%s guard: %s", key, json.dumps(measured))
+    print(json.dumps(results, indent=1))
+    return results
