@@ -2,9 +2,9 @@
 
 Run as `python -m core.guard --data-root ../shared/data [--task KEY]`. Measured on:
 - the right task: the test side of the split recorded in the card (never used to fit);
-- every other task's images (a seeded sample per task);
-- non-medical images: scikit-image's sample photos (whole, crops, mirrors) and synthetic
-  documents and screenshots drawn here.
+- every other task's test split (a seeded sample per task);
+- non-medical images: the half of scikit-image's sample photos not used to fit (whole,
+  mirrored, cropped) and synthetic documents and screenshots drawn with another seed.
 """
 
 from __future__ import annotations
