@@ -1,4 +1,4 @@
-"""Fit a model's wrong-input guard and measure it; writes weights/<key>.guard.safetensors and the card.
+"""Fit a model's wrong-input guard and measure it; writes weights/guard/<key>.safetensors and the card.
 
 Run as `python -m core.guard --data-root ../shared/data [--task KEY]`. Measured on:
 - the right task: the test side of the split recorded in the card (never used to fit);
@@ -206,11 +206,12 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             "flagged": sum(p["flagged"] * p["n"] for p in parts) / max(sum(p["n"] for p in parts), 1),
             "n": sum(p["n"] for p in parts),
         }
-        path = folder / f"{key}.guard.safetensors"
+        path = folder / "guard" / f"{key}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(stats.as_tensors(), str(path))
         card = classifier.card
         card.guard = {
-            "file": path.name,
+            "file": f"guard/{path.name}",
             "sha256": sha256_file(path),
             "method": (
                 "DICOM Modality / BodyPartExamined checked first where present; then a logistic 'belongs' score on this "

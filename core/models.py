@@ -258,11 +258,11 @@ def load_guard(card: ModelCard, folder: Path) -> GuardStats | None:
     if not path.is_file():
         raise WeightsError(f"guard file named by the card not found: {path}")
     if sha256_file(path) != digest:
-        raise WeightsError(f"{path.name} sha256 does not match its card")
+        raise WeightsError(f"guard file {name} sha256 does not match its card")
     try:
         return GuardStats.from_tensors(load_file(str(path)))
     except (KeyError, IndexError, ValueError, OSError) as exc:
-        raise WeightsError(f"{path.name} is not a valid guard file ({type(exc).__name__}: {exc})") from None
+        raise WeightsError(f"{name} is not a valid guard file ({type(exc).__name__}: {exc})") from None
 
 
 def head_module(model: nn.Module) -> nn.Module:

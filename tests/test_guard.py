@@ -69,11 +69,12 @@ def test_documents_are_flagged_by_every_model() -> None:
 
 
 def test_a_tampered_guard_file_is_refused(tmp_path: Path) -> None:
-    for name in ("ct_covid.safetensors", "ct_covid.json", "ct_covid.guard.safetensors"):
+    (tmp_path / "guard").mkdir()
+    for name in ("ct_covid.safetensors", "ct_covid.json", "guard/ct_covid.safetensors"):
         shutil.copy(WEIGHTS_DIR / name, tmp_path / name)
     load_model(get_task("ct_covid"), tmp_path / "ct_covid.safetensors")
-    data = bytearray((tmp_path / "ct_covid.guard.safetensors").read_bytes())
+    data = bytearray((tmp_path / "guard/ct_covid.safetensors").read_bytes())
     data[-3] ^= 0x55
-    (tmp_path / "ct_covid.guard.safetensors").write_bytes(bytes(data))
+    (tmp_path / "guard/ct_covid.safetensors").write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="guard"):
         load_model(get_task("ct_covid"), tmp_path / "ct_covid.safetensors")
