@@ -3,9 +3,7 @@
 import streamlit as st
 
 from core.tasks import PAGES, tasks_for_page
-from ui.widgets import disclaimer
-
-PAGE_FILES = {"Brain MRI": "pages/1_Brain_MRI.py", "Chest X-ray": "pages/2_Chest_X-ray.py", "Lung CT": "pages/3_Lung_CT.py"}
+from ui.widgets import PAGE_FILES, disclaimer
 
 st.set_page_config(page_title="SecondLook", layout="wide")
 st.title("SecondLook")

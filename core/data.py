@@ -276,6 +276,27 @@ def sample_records(records: list[Record], limit: int | None, seed: int) -> list[
     return random.Random(seed).sample(records, min(limit, len(records)))
 
 
+def recorded_split(
+    records: list[Record], spec: TaskSpec, config: dict
+) -> tuple[list[Record], list[np.ndarray], np.ndarray]:
+    """Re-carve the split a card's training config recorded (seed, val_frac, test_frac, limit).
+
+    Returns:
+        (records used, their 8-bit pixels, side per record).
+
+    Raises:
+        ValueError: If the config lacks the split settings.
+    """
+    try:
+        seed, val_frac, test_frac = int(config["seed"]), float(config["val_frac"]), float(config["test_frac"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("the model card does not record its split settings (seed, val_frac, test_frac)") from None
+    records = sample_records(records, config.get("limit"), seed)
+    images = load_pixels(records, spec)
+    sides, _, _ = carve_split(records, images, val_frac, test_frac, seed)
+    return records, images, sides
+
+
 # ---------------------------------------------------------------- loading and augmentation
 
 

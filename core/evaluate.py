@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.calibration import expected_calibration_error, softmax
-from core.data import SPLITS, Record, ScanDataset, carve_split, check_labels, load_pixels, read_records, sample_records
+from core.data import SPLITS, Record, ScanDataset, check_labels, load_pixels, read_records, recorded_split
 from core.models import Classifier, WeightsError, load_model
 from core.predict import decide
 from core.preprocess import normalize
@@ -163,14 +163,7 @@ def select_split(root: Path, records: list[Record], split: str | None) -> list[R
 
 def card_side(classifier: Classifier, records: list[Record], side: str) -> tuple[list[Record], list[np.ndarray]]:
     """The records (and pixels) on one side of the split the card says the model was trained with."""
-    config = classifier.card.training.get("config", {})
-    try:
-        seed, val_frac, test_frac = int(config["seed"]), float(config["val_frac"]), float(config["test_frac"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError("the model card does not record its split settings (seed, val_frac, test_frac)") from None
-    records = sample_records(records, config.get("limit"), seed)
-    images = load_pixels(records, classifier.spec)
-    sides, _, _ = carve_split(records, images, val_frac, test_frac, seed)
+    records, images, sides = recorded_split(records, classifier.spec, classifier.card.training.get("config", {}))
     chosen = [i for i, s in enumerate(sides) if s == side]
     return [records[i] for i in chosen], [images[i] for i in chosen]
 

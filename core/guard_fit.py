@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from core.cards import read_card, write_card
-from core.data import ScanDataset, carve_split, load_pixels, read_records, sample_records
+from core.data import ScanDataset, read_records, recorded_split
 from core.guard import VAL_QUANTILE, GuardStats
 from core.imaging import ScanError, read_scan
 from core.models import WEIGHTS_DIR, Classifier, load_model, sha256_file
@@ -132,13 +132,9 @@ class Dataset:
 
 
 def read_dataset(root: Path, key: str, folder: Path) -> Dataset:
-    """A task's folder with the split its card records (seed, fractions, limit)."""
-    spec = get_task(key)
+    """A task's folder with the split its card records."""
     config = read_card(folder / f"{key}.json").training["config"]
-    seed = int(config["seed"])
-    records = sample_records(read_records(root / spec.data_folder), config.get("limit"), seed)
-    pixels = load_pixels(records, spec)
-    sides, _, _ = carve_split(records, pixels, float(config["val_frac"]), float(config["test_frac"]), seed)
+    _, pixels, sides = recorded_split(read_records(root / get_task(key).data_folder), get_task(key), config)
     return Dataset(pixels, sides)
 
 

@@ -97,17 +97,6 @@ def forward(classifier: Classifier, batch: torch.Tensor) -> tuple[np.ndarray, np
     return logits.float().cpu().numpy(), captured[0].float().cpu().numpy()
 
 
-def logits_of(classifier: Classifier, batch: torch.Tensor) -> np.ndarray:
-    """Raw logits for a normalised batch (N, 3, S, S), under the model's lock."""
-    with classifier.lock, torch.inference_mode():
-        return classifier.module(batch).float().cpu().numpy()
-
-
-def probabilities_of(classifier: Classifier, batch: torch.Tensor) -> np.ndarray:
-    """Calibrated probabilities (N, C) for a normalised batch."""
-    return softmax(logits_of(classifier, batch), classifier.card.temperature)
-
-
 def predict_tensor(classifier: Classifier, tensor: torch.Tensor, scan: Scan | None = None) -> Prediction:
     """Prediction for one normalised input (1, 3, S, S), with the wrong-input guard's verdict.
 

@@ -44,6 +44,12 @@ def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None, **param
     return buffer.getvalue()
 
 
+def page_texts(at) -> str:
+    """Every text element an AppTest page shows, joined."""
+    kinds = ("markdown", "caption", "subheader", "title", "error", "warning", "info")
+    return "\n".join(str(e.value) for kind in kinds for e in getattr(at, kind))
+
+
 @pytest.fixture
 def png_bytes() -> bytes:
     return encode(synthetic_slice(160, seed=1))

@@ -6,9 +6,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.tasks import PAGES, tasks_for_page
-from tests.conftest import REPO, encode, make_dicom, synthetic_slice
+from tests.conftest import REPO, encode, make_dicom, page_texts, synthetic_slice
+from ui.widgets import PAGE_FILES
 
-PAGE_FILES = {"Brain MRI": "pages/1_Brain_MRI.py", "Chest X-ray": "pages/2_Chest_X-ray.py", "Lung CT": "pages/3_Lung_CT.py"}
 TIMEOUT = 180
 
 
@@ -31,16 +31,13 @@ def flagged(at: AppTest) -> bool:
     return any("Not classified" in w.value for w in at.warning)
 
 
-def texts(at: AppTest) -> str:
-    parts = [e.value for kind in ("markdown", "caption", "subheader", "title", "error", "warning", "info") for e in getattr(at, kind)]
-    return "\n".join(str(p) for p in parts)
 
 
 def test_home_page_lists_tasks_and_the_notice() -> None:
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
     at.run()
     assert not at.exception
-    body = texts(at)
+    body = page_texts(at)
     assert "not for diagnosis" in body
     for name in PAGES:
         for spec in tasks_for_page(name):
@@ -50,7 +47,7 @@ def test_home_page_lists_tasks_and_the_notice() -> None:
 @pytest.mark.parametrize("name", PAGES)
 def test_every_page_renders_with_notice_and_model_card(name: str) -> None:
     at = page(name)
-    body = texts(at)
+    body = page_texts(at)
     assert "not for diagnosis" in body
     assert "Held-out test split" in body
     assert len(at.file_uploader) == 1
@@ -60,10 +57,10 @@ def test_two_model_pages_say_what_each_model_was_trained_on() -> None:
     at = page("Chest X-ray")
     radio = at.radio[0]
     assert len(radio.options) == 2
-    assert "Pediatric" in radio.options[0] or "Pediatric" in texts(at)
+    assert "Pediatric" in radio.options[0] or "Pediatric" in page_texts(at)
     radio.set_value(radio.options[1]).run()
     assert not at.exception
-    assert "Adult COVID-19" in texts(at)
+    assert "Adult COVID-19" in page_texts(at)
 
 
 def test_upload_gives_prediction_and_heatmap_and_sliders_only_reblend() -> None:
@@ -96,7 +93,7 @@ def test_dicom_upload_on_the_ct_page() -> None:
     at = page("Lung CT")
     upload(at, "IMG0001", make_dicom(stored), "application/octet-stream")
     assert not at.exception, at.exception
-    body = texts(at)
+    body = page_texts(at)
     assert "DICOM" in body and "Hounsfield" in body
     assert any(s.value.startswith("Model output:") for s in at.subheader)
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import REPO, make_dicom
+from tests.conftest import REPO, make_dicom, page_texts
 
 _recording: list | None = None
 
@@ -53,8 +53,7 @@ def test_upload_to_heatmap_writes_nothing_and_shows_no_patient_tags(caplog) -> N
     assert not at.exception
     assert any(s.value.startswith("Model output:") for s in at.subheader)
     assert written == [], f"files written during an upload: {written}"
-    page_text = repr([e.value for kind in ("markdown", "caption", "subheader", "error", "warning", "info")
-                      for e in getattr(at, kind)])
+    page_text = page_texts(at)
     for secret in ("Secret", "Patient^", "ID-12345"):
         assert secret not in page_text
         assert secret not in caplog.text

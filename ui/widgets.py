@@ -8,6 +8,13 @@ import streamlit as st
 from core.cards import ModelCard
 from core.predict import Prediction
 
+# The file behind each page of core.tasks.PAGES (Streamlit discovers them in pages/).
+PAGE_FILES: dict[str, str] = {
+    "Brain MRI": "pages/1_Brain_MRI.py",
+    "Chest X-ray": "pages/2_Chest_X-ray.py",
+    "Lung CT": "pages/3_Lung_CT.py",
+}
+
 DISCLAIMER = (
     "**For research and education only — not for diagnosis.** SecondLook is not a medical device. "
     "Its output must not guide the care of a patient."
