@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset
 
 from core.imaging import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_scan
 from core.preprocess import base_pixels, resize_square
@@ -379,9 +379,30 @@ class ScanDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(pixels))[None], self.targets[index]
 
 
-def balanced_sampler(targets: list[int], seed: int = 0) -> WeightedRandomSampler:
-    """Sampler that draws every class equally often (weights 1 / class count)."""
-    counts = Counter(targets)
-    weights = torch.tensor([1.0 / counts[t] for t in targets], dtype=torch.double)
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
+class BalancedSampler(torch.utils.data.Sampler[int]):
+    """Draws every class equally often (weights 1 / class count, with replacement), sharded by rank.
+
+    Every rank draws the same sequence from a generator seeded with (seed, epoch) and keeps
+    every `world_size`-th index from its `rank`, so the ranks of a distributed run see disjoint
+    shares of one balanced epoch; one process (rank 0 of 1) sees all of it. Call `set_epoch`
+    before each epoch for a fresh draw.
+    """
+
+    def __init__(self, targets: list[int], seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        counts = Counter(targets)
+        self.weights = torch.tensor([1.0 / counts[t] for t in targets], dtype=torch.double)
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.per_rank = math.ceil(len(targets) / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        drawn = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True, generator=generator)
+        return iter(drawn[self.rank::self.world_size].tolist())

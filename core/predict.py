@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from core.imaging import Scan, ScanError, read_scan
 from core.guard import check_tags, explain_flag
 from core.models import Classifier, WeightsError, head_module, load_model
 from core.preprocess import model_input
-from core.tasks import TASKS, get_task
+from core.tasks import TASKS, TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,35 @@ def forward(classifier: Classifier, batch: torch.Tensor) -> tuple[np.ndarray, np
     return logits.float().cpu().numpy(), captured[0].float().cpu().numpy()
 
 
+BATCH_SIZE = 16  # the fastest batch for MobileNetV2 on the 2-core CPU (`python -m benchmarks`)
+
+
+def predict_batch(classifier: Classifier, batch: torch.Tensor, scans: Sequence[Scan | None] | None = None) -> list[Prediction]:
+    """Predictions for a batch of normalised inputs in one forward pass, with the guard's verdicts.
+
+    Args:
+        classifier: A loaded model.
+        batch: float32 (N, 3, S, S) model inputs.
+        scans: The scans they were made from, for the DICOM tag check (optional; None entries allowed).
+
+    Returns:
+        N predictions, in input order.
+    """
+    logits, features = forward(classifier, batch.contiguous(memory_format=torch.channels_last))
+    card, spec = classifier.card, classifier.spec
+    probs = softmax(logits, card.temperature)
+    decided = decide(probs, spec.labels, card.positive, card.threshold)
+    belonging = classifier.guard.belonging(features) if classifier.guard is not None else None
+    scans = list(scans) if scans is not None else [None] * len(probs)
+    predictions = []
+    for row, scan in enumerate(scans):
+        flag = check_tags(scan, spec) if scan is not None else None
+        if flag is None and belonging is not None and belonging[row] < classifier.guard.threshold:
+            flag = explain_flag(spec, float(belonging[row]))
+        predictions.append(Prediction(spec.labels, probs[row], int(decided[row]), card.threshold, card.positive, flag))
+    return predictions
+
+
 def predict_tensor(classifier: Classifier, tensor: torch.Tensor, scan: Scan | None = None) -> Prediction:
     """Prediction for one normalised input (1, 3, S, S), with the wrong-input guard's verdict.
 
@@ -105,16 +135,7 @@ def predict_tensor(classifier: Classifier, tensor: torch.Tensor, scan: Scan | No
         tensor: The model input.
         scan: The scan it was made from, for the DICOM tag check (optional).
     """
-    logits, features = forward(classifier, tensor)
-    probs = softmax(logits, classifier.card.temperature)
-    card = classifier.card
-    index = int(decide(probs, classifier.spec.labels, card.positive, card.threshold)[0])
-    flag = check_tags(scan, classifier.spec) if scan is not None else None
-    if flag is None and classifier.guard is not None:
-        belonging = float(classifier.guard.belonging(features)[0])
-        if belonging < classifier.guard.threshold:
-            flag = explain_flag(classifier.spec, belonging)
-    return Prediction(classifier.spec.labels, probs[0], index, card.threshold, card.positive, flag)
+    return predict_batch(classifier, tensor, [scan])[0]
 
 
 def predict_scan(classifier: Classifier, scan: Scan) -> Prediction:
@@ -127,34 +148,77 @@ def upload_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def predict_file(classifier: Classifier, path: Path) -> dict:
-    """One result row for a file: never raises for a bad file."""
-    row: dict = {"file": str(path), "status": "error", "reason": None, "prediction": None, "probabilities": None}
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        row["reason"] = f"cannot open the file: {exc.strerror or exc}"
-        return row
-    try:
-        scan = read_scan(data, path.name)
-    except ScanError as exc:
-        row.update(status="rejected", reason=str(exc))
-        logger.info("upload %s rejected for %s", upload_digest(data), classifier.spec.key)
-        return row
-    prediction = predict_scan(classifier, scan)
-    if prediction.flag:
+def result_row(name: str, prediction: Prediction | None = None, status: str = "ok", reason: str | None = None) -> dict:
+    """One output row: file, status (ok / rejected / error), reason, prediction, probabilities."""
+    row: dict = {"file": name, "status": status, "reason": reason, "prediction": None, "probabilities": None}
+    if prediction is not None and prediction.flag:
         row.update(status="rejected", reason=f"Not classified: {prediction.flag}.")
-        logger.info("upload %s flagged for %s", upload_digest(data), classifier.spec.key)
-        return row
-    row.update(status="ok", prediction=prediction.label, probabilities=prediction.as_dict())
-    logger.info("upload %s -> %s: %s", upload_digest(data), classifier.spec.key, prediction.label)
+    elif prediction is not None:
+        row.update(prediction=prediction.label, probabilities=prediction.as_dict())
     return row
+
+
+def read_upload(name: str, data: bytes, spec: TaskSpec) -> tuple[Scan, torch.Tensor] | dict:
+    """The scan and its model input, or a rejected (or error) row with the reason; never raises."""
+    try:
+        scan = read_scan(data, Path(name).name)
+        return scan, model_input(scan, spec)
+    except ScanError as exc:
+        logger.info("upload %s rejected for %s", upload_digest(data), spec.key)
+        return result_row(name, status="rejected", reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
+        logger.exception("unexpected failure reading upload %s", upload_digest(data))
+        return result_row(name, status="error", reason=f"internal error ({type(exc).__name__})")
+
+
+def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes | OSError]],
+                    batch_size: int = BATCH_SIZE) -> Iterator[dict]:
+    """Result rows for (name, bytes) uploads, in order, readable scans predicted in batches.
+
+    A bad file gives a rejected row (an OSError in place of the bytes: an error row) and
+    never stops the rest.
+    """
+    pending: list[tuple[str, str, Scan, torch.Tensor]] = []
+
+    def flush() -> Iterator[dict]:
+        if not pending:
+            return
+        batch = torch.cat([tensor for *_, tensor in pending])
+        predictions = predict_batch(classifier, batch, [scan for _, _, scan, _ in pending])
+        for (name, digest, _, _), prediction in zip(pending, predictions):
+            logger.info("upload %s -> %s: %s", digest, classifier.spec.key, prediction.flag and "flagged" or prediction.label)
+            yield result_row(name, prediction)
+        pending.clear()
+
+    for name, data in uploads:
+        if isinstance(data, OSError):
+            yield from flush()
+            yield result_row(name, status="error", reason=f"cannot open the file: {data.strerror or data}")
+            continue
+        read = read_upload(name, data, classifier.spec)
+        if isinstance(read, dict):
+            yield from flush()
+            yield read
+            continue
+        pending.append((name, upload_digest(data), *read))
+        if len(pending) >= batch_size:
+            yield from flush()
+    yield from flush()
+
+
+def _read_files(paths: Iterable[Path]) -> Iterator[tuple[str, bytes]]:
+    for path in paths:
+        try:
+            yield str(path), path.read_bytes()
+        except OSError as exc:
+            yield str(path), exc
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Predict scans with a bundled SecondLook model.")
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="registry key of the model")
     parser.add_argument("--weights", type=Path, default=None, help="weights file (default: weights/<task>.safetensors)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="scans per forward pass")
     parser.add_argument("files", nargs="+", type=Path, help="PNG/JPEG/WebP/TIFF/BMP or DICOM files")
     return parser
 
@@ -167,14 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         classifier = load_model(spec, args.weights)
     except (WeightsError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    for path in args.files:
-        try:
-            row = predict_file(classifier, path)
-        except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
-            logger.exception("unexpected failure on one file")
-            row = {"file": str(path), "status": "error", "reason": f"internal error ({type(exc).__name__})",
-                   "prediction": None, "probabilities": None}
-        print(json.dumps(row), flush=True)
+    try:
+        for row in predict_uploads(classifier, _read_files(args.files), args.batch_size):
+            print(json.dumps(row), flush=True)
+    except Exception:  # noqa: BLE001 - say so in one line, not a traceback, then stop
+        logger.exception("unexpected failure")
+        parser.exit(1, "error: internal error; see the log\n")
     return 0
 
 

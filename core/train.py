@@ -13,6 +13,16 @@ Runnable commands (the recipes that made the bundled files are in train/<key>/):
     # from scratch, another backbone, to a scratch folder
     python -m core.train --task ct_covid --data DIR --arch resnet18 --pretrained none --out runs/
 
+    # the same script on several GPUs (or nodes) with DistributedDataParallel; on CPUs: gloo
+    torchrun --nproc_per_node 4 -m core.train --task brain_mri --data DIR --pretrained FILE --device cuda
+    torchrun --nproc_per_node 2 -m core.train --task ct_covid --data DIR --device cpu --out runs/
+
+Under torchrun every rank reads the data and carves the same split; each draws its own share
+of one balanced epoch (`BalancedSampler`), validates on its shard of the validation side, and
+the ranks pool their logits so that every rank sees the same metrics and stops together;
+gradients are averaged by DDP; only rank 0 writes the weights and the card. --batch-size is
+per process.
+
 Steps: read the folder -> near-duplicate (and patient) groups -> stratified group split
 train/val/test -> class-balanced sampling with augmentation -> stage 1 (head only) ->
 stage 2 (last blocks unfrozen) with early stopping on validation -> save -> reload the saved
@@ -25,6 +35,7 @@ import argparse
 import datetime
 import logging
 import math
+import os
 import platform
 import random
 import shlex
@@ -37,14 +48,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from core.calibration import choose_threshold, fit_temperature, sensitivity_specificity, softmax
 from core.cards import card_from_spec, write_card
 from core.data import (
     SPLITS,
+    BalancedSampler,
     ScanDataset,
-    balanced_sampler,
     carve_split,
     check_labels,
     load_pixels,
@@ -91,6 +102,72 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank in a torchrun job (0 of 1 without one) and its device."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that logs progress and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_runtime(args: argparse.Namespace) -> Runtime:
+    """One process, or a rank of a torchrun job (WORLD_SIZE > 1): nccl on GPUs, gloo on CPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Runtime(torch.device(args.device))
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else "cpu")
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def wrap_for_training(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """The model itself, or a DistributedDataParallel wrapper of it (built per stage, after freezing)."""
+    if not runtime.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def all_sum(values: list[float], runtime: Runtime) -> list[float]:
+    """Element-wise sum over the ranks (the values themselves in one process)."""
+    if not runtime.distributed:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather_rows(rows: np.ndarray, runtime: Runtime) -> list[np.ndarray]:
+    """Each rank's array, in rank order, on every rank."""
+    if not runtime.distributed:
+        return [rows]
+    import torch.distributed as dist
+
+    gathered: list = [None] * runtime.world_size
+    dist.all_gather_object(gathered, rows)
+    return gathered
+
+
 @dataclass
 class Split:
     """Images and targets of the three sides of a split, and the audit for the card."""
@@ -132,14 +209,18 @@ def make_split(spec: TaskSpec, args: argparse.Namespace) -> Split:
     return split
 
 
-def make_loaders(spec: TaskSpec, split: Split, args: argparse.Namespace) -> dict[str, DataLoader]:
+def make_loaders(spec: TaskSpec, split: Split, args: argparse.Namespace, runtime: Runtime) -> dict[str, DataLoader]:
+    """train (this rank's share of a balanced draw), val_shard (this rank's rows of val), val and test (whole)."""
     workers = args.workers if args.workers is not None else (8 if args.device == "cuda" else 0)
     common = dict(batch_size=args.batch_size, num_workers=workers, pin_memory=args.device == "cuda",
                   persistent_workers=workers > 0)
     train_set = ScanDataset(split.images["train"], split.targets["train"], spec, train=True, seed=args.seed)
-    loaders = {"train": DataLoader(train_set, sampler=balanced_sampler(split.targets["train"], args.seed), drop_last=True, **common)}
+    sampler = BalancedSampler(split.targets["train"], args.seed, runtime.rank, runtime.world_size)
+    loaders = {"train": DataLoader(train_set, sampler=sampler, drop_last=True, **common)}
     for side in ("val", "test"):
         loaders[side] = DataLoader(ScanDataset(split.images[side], split.targets[side], spec, train=False), **common)
+    val = loaders["val"].dataset
+    loaders["val_shard"] = DataLoader(Subset(val, range(runtime.rank, len(val), runtime.world_size)), **common)
     return loaders
 
 
@@ -173,16 +254,18 @@ def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, spec: TaskSpec, device: torch.device,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, spec: TaskSpec, runtime: Runtime,
                     freeze_bn: bool, desc: str) -> float:
-    """One pass over the balanced training sampler; returns the mean loss."""
+    """One pass over this rank's share of the balanced sampler; returns the mean loss over all ranks."""
     from tqdm import tqdm
 
     set_bn_mode(model, freeze_bn)
     criterion = nn.CrossEntropyLoss()
+    device = runtime.device
     use_amp = device.type == "cuda"
     total, count = 0.0, 0
-    for images, targets in tqdm(loader, desc=desc, mininterval=5, leave=False, file=sys.stderr, disable=None):
+    progress = tqdm(loader, desc=desc, mininterval=5, leave=False, file=sys.stderr, disable=None if runtime.main else True)
+    for images, targets in progress:
         batch = normalize(images.to(device, non_blocking=True), spec).contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -193,13 +276,23 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         scheduler.step()
         total += loss.item() * len(targets)
         count += len(targets)
+    total, count = all_sum([total, count], runtime)
     return total / max(count, 1)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, spec: TaskSpec, device: torch.device) -> dict:
-    """Validation loss and balanced accuracy (uncalibrated argmax) for model selection."""
-    logits = collect_logits(model, loader, spec, device)
-    targets = np.asarray(loader.dataset.targets)
+def evaluate(model: nn.Module, loader: DataLoader, spec: TaskSpec, runtime: Runtime) -> dict:
+    """Validation loss and balanced accuracy (uncalibrated argmax) for model selection.
+
+    `loader` holds this rank's shard (a Subset); the shards' logits are pooled, so every rank
+    computes the same figures on the whole validation side.
+    """
+    shard: Subset = loader.dataset
+    logits = collect_logits(model, loader, spec, runtime.device)
+    rows = np.concatenate([np.asarray(shard.indices, dtype=np.float64)[:, None], logits], axis=1)
+    pooled = np.concatenate(all_gather_rows(rows, runtime))
+    pooled = pooled[np.argsort(pooled[:, 0], kind="stable")]
+    logits = pooled[:, 1:].astype(np.float32)
+    targets = np.asarray(shard.dataset.targets)[pooled[:, 0].astype(int)]
     probs = softmax(logits)
     loss = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
     metrics = compute_metrics(targets, probs, probs.argmax(axis=1), spec)
@@ -207,12 +300,12 @@ def evaluate(model: nn.Module, loader: DataLoader, spec: TaskSpec, device: torch
 
 
 def run_stage(model: nn.Module, loaders: dict[str, DataLoader], spec: TaskSpec, args: argparse.Namespace,
-              history: History, stage: str, epochs: int, unfreeze: int | None, freeze_bn: bool) -> None:
+              runtime: Runtime, history: History, stage: str, epochs: int, unfreeze: int | None, freeze_bn: bool) -> None:
     """Train for up to `epochs`, keeping the state with the best validation balanced accuracy."""
     if epochs <= 0:
         return
-    device = torch.device(args.device)
     groups = set_stage(model, unfreeze, freeze_bn)
+    net = wrap_for_training(model, runtime)  # after freezing: DDP syncs the parameters that train in this stage
     groups[1]["lr"] = args.lr * args.backbone_lr_scale
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
@@ -222,10 +315,11 @@ def run_stage(model: nn.Module, loaders: dict[str, DataLoader], spec: TaskSpec, 
     stale = 0
     for epoch in range(1, epochs + 1):
         loaders["train"].dataset.epoch = len(history.epochs)
+        loaders["train"].sampler.set_epoch(len(history.epochs))
         start = time.time()
-        loss = train_one_epoch(model, loaders["train"], optimizer, scheduler, spec, device, freeze_bn,
+        loss = train_one_epoch(net, loaders["train"], optimizer, scheduler, spec, runtime, freeze_bn,
                                f"{stage} {epoch}/{epochs}")
-        val = evaluate(model, loaders["val"], spec, device)
+        val = evaluate(model, loaders["val_shard"], spec, runtime)
         record = {"stage": stage, "epoch": epoch, "train_loss": round(loss, 4), "val_loss": round(val["loss"], 4),
                   "val_balanced_accuracy": round(val["balanced_accuracy"], 4), "seconds": round(time.time() - start, 1)}
         history.epochs.append(record)
@@ -302,19 +396,34 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     """Train, save, calibrate, score and write the card; `argv` is recorded as the command."""
     argv = sys.argv[1:] if argv is None else argv
     provenance = environment()  # the code as it was when training started
+    runtime = init_runtime(args)
+    try:
+        train_and_record(args, argv, runtime, provenance)
+    finally:
+        if runtime.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # the other ranks wait for rank 0's files
+            dist.destroy_process_group()
+
+
+def train_and_record(args: argparse.Namespace, argv: list[str], runtime: Runtime, provenance: dict) -> None:
+    """Every rank trains; rank 0 alone saves, calibrates, scores and writes the card."""
     seed_everything(args.seed)
     spec = get_task(args.task)
     arch = args.arch or spec.arch
     started = time.time()
     split = make_split(spec, args)
-    loaders = make_loaders(spec, split, args)
+    loaders = make_loaders(spec, split, args, runtime)
     pretrained = None if args.pretrained == "none" else args.pretrained
-    model = build_model(spec, pretrained, arch=arch).to(args.device).to(memory_format=torch.channels_last)
+    model = build_model(spec, pretrained, arch=arch).to(runtime.device).to(memory_format=torch.channels_last)
     freeze_bn = pretrained is not None
     unfreeze = None if args.unfreeze == "all" else int(args.unfreeze)
     history = History()
-    run_stage(model, loaders, spec, args, history, "head", args.head_epochs if pretrained else 0, 0, freeze_bn)
-    run_stage(model, loaders, spec, args, history, "finetune", args.epochs, unfreeze, freeze_bn)
+    run_stage(model, loaders, spec, args, runtime, history, "head", args.head_epochs if pretrained else 0, 0, freeze_bn)
+    run_stage(model, loaders, spec, args, runtime, history, "finetune", args.epochs, unfreeze, freeze_bn)
+    if not runtime.main:
+        return
     if history.best_state is not None:
         model.load_state_dict(history.best_state)
     weights = args.out / f"{spec.key}.safetensors"
@@ -335,6 +444,7 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
             "command": "python -m core.train " + " ".join(shlex.quote(a) for a in argv),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "world_size": runtime.world_size,
             "epochs_run": len(history.epochs),
             "best_epoch": history.best_epoch,
             "history": history.epochs,
@@ -355,5 +465,7 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s %(name)s [rank {rank}] %(message)s")
     main(get_args_parser().parse_args())

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, encode, make_dicom, synthetic_slice
+from benchmarks.server import serve
+from tests.conftest import encode, make_dicom, synthetic_slice
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -25,49 +22,32 @@ FLAGS = ("--headless --no-sandbox --disable-gpu --disable-background-networking 
          "--disable-sync --no-first-run --disable-dev-shm-usage --window-size=1400,1800").split()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--server.headless", "true"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the app did not start within 60 s")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+        with serve(timeout=90) as running:
+            yield running.url
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     if not (CHROMIUM and DRIVER):
         pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
     from selenium.webdriver.chrome.service import Service
 
+    downloads = tmp_path_factory.mktemp("downloads")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in FLAGS:
         options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.downloads = downloads
     yield driver
     driver.quit()
 
@@ -115,15 +95,48 @@ def artifacts(tmp_path: Path) -> Path:
     return folder
 
 
+def wide_images(driver) -> list:
+    from selenium.webdriver.common.by import By
+
+    return [img for img in driver.find_elements(By.TAG_NAME, "img") if img.size["width"] > 100]
+
+
+def wait_for(condition, what: str, timeout: float = 60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+
+
+def overlay_source(driver) -> str:
+    images = wide_images(driver)
+    return images[1].get_attribute("src") if len(images) >= 2 else ""
+
+
+@pytest.mark.parametrize("path,title", [("", "SecondLook"), ("Brain_MRI", "Brain MRI"), ("Chest_X-ray", "Chest X-ray"),
+                                        ("Lung_CT", "Lung CT")])
+def test_every_page_opens(server, browser, path: str, title: str) -> None:
+    browser.get(f"{server}/{path}")
+    body = wait_for_text(browser, "not for diagnosis")
+    assert title in body and "Traceback" not in body
+
+
 @pytest.mark.parametrize(
     "page,filename,make",
     [
         ("Brain_MRI", "scan.png", lambda: encode(synthetic_slice(200, seed=11))),
+        ("Chest_X-ray", "chest.png", lambda: encode(synthetic_slice(300, seed=12))),
         ("Lung_CT", "slice.dcm", lambda: make_dicom(((synthetic_slice(128, seed=3).astype("int16") * 8)))),
     ],
 )
-def test_upload_shows_prediction_and_heatmap(server, browser, tmp_path: Path, page: str, filename: str, make) -> None:
+def test_upload_heatmap_controls_and_download(server, browser, tmp_path: Path, page: str, filename: str, make) -> None:
+    """Upload -> prediction -> heatmap; move the opacity slider; pick another method; download the PNG."""
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     upload = tmp_path / filename
     upload.write_bytes(make())
@@ -135,15 +148,35 @@ def test_upload_shows_prediction_and_heatmap(server, browser, tmp_path: Path, pa
         browser.find_element(By.XPATH, "//*[contains(text(), \"Show the model's output anyway\")]").click()
         body = wait_for_text(browser, "Model output:")
     wait_for_text(browser, "Grad-CAM for")
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        images = [img for img in browser.find_elements(By.TAG_NAME, "img") if img.size["width"] > 100]
-        if len(images) >= 2:
-            break
-        time.sleep(0.5)
-    assert len(images) >= 2, "original and overlay should both be shown"
+    first = wait_for(lambda: overlay_source(browser), "the overlay appearing")
     assert "Traceback" not in body
-    browser.save_screenshot(str(artifacts(tmp_path) / f"{page}.png"))
+    shots = artifacts(tmp_path)
+    browser.save_screenshot(str(shots / f"{page}-result.png"))
+
+    opacity = browser.find_element(By.CSS_SELECTOR, "input[type='range'][aria-label='Heatmap opacity']")
+    browser.execute_script("arguments[0].focus();", opacity)
+    ActionChains(browser).send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT).perform()
+    wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "input[type='range'][aria-label='Heatmap opacity']")
+             .get_attribute("value") == "0.55", "the opacity slider moving to 0.55")
+    moved = wait_for(lambda: (src := overlay_source(browser)) and src != first and src, "the overlay re-blending")
+
+    method = browser.find_element(By.CSS_SELECTOR, "input[role='combobox'][aria-label='Method']")
+    method.find_element(By.XPATH, "following-sibling::button").click()
+    wait_for(lambda: [o for o in browser.find_elements(By.CSS_SELECTOR, "[role='option']") if o.text == "LayerCAM"],
+             "the method list opening")[0].click()
+    wait_for_text(browser, "LayerCAM for")
+    wait_for(lambda: (src := overlay_source(browser)) and src != moved, "the LayerCAM overlay")
+    browser.save_screenshot(str(shots / f"{page}-layercam.png"))
+
+    before = set(browser.downloads.iterdir())
+    wait_for(lambda: [b for b in browser.find_elements(By.TAG_NAME, "button") if "Download the overlay" in b.text],
+             "the download button")[0].click()
+    saved = wait_for(lambda: [p for p in set(browser.downloads.iterdir()) - before if p.suffix == ".png"],
+                     "the PNG download")[0]
+    assert saved.name.startswith("secondlook-") and "layercam" in saved.name
+    assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "Traceback" not in body and "LayerCAM for" in body
 
 
 def test_bad_upload_gets_a_message_in_the_browser(server, browser, tmp_path: Path) -> None:

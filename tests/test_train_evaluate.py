@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.cards import read_card
+from core.data import BalancedSampler
 from core.models import load_model
 from core.tasks import get_task
 from core.train import get_args_parser, main
@@ -91,3 +93,40 @@ def test_training_imports_stay_lean() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_torchrun_two_cpu_processes_match_the_single_process_format(synthetic_folder: Path, trained: Path,
+                                                                    tmp_path: Path) -> None:
+    """core.train under torchrun (2 ranks, gloo): one card and one weights file, same format, loadable."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "core.train", "--task", "ct_cancer", "--data", str(synthetic_folder), "--pretrained", "none",
+               "--head-epochs", "0", "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["ct_cancer.json", "ct_cancer.safetensors"]  # rank 0 alone wrote
+    assert "[rank 0]" in result.stderr and "wrote" in result.stderr
+    single, ddp = read_card(trained / "ct_cancer.json"), read_card(out / "ct_cancer.json")
+    assert set(vars(ddp)) == set(vars(single)) and set(ddp.metrics) == set(single.metrics)
+    assert set(ddp.training) == set(single.training)
+    assert ddp.training["world_size"] == 2 and single.training["world_size"] == 1
+    assert ddp.training["epochs_run"] == 2 and len(ddp.training["history"]) == 2
+    assert ddp.split == single.split  # every rank carved the same split as one process does
+    classifier = load_model(get_task("ct_cancer"), out / "ct_cancer.safetensors")
+    assert classifier.card.sha256 == ddp.sha256
+
+
+def test_balanced_sampler_shards_one_balanced_draw() -> None:
+    targets = [0] * 90 + [1] * 10
+    whole = list(BalancedSampler(targets, seed=3))
+    shards = [list(BalancedSampler(targets, seed=3, rank=r, world_size=2)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 50
+    assert [i for pair in zip(*shards) for i in pair] == whole  # the ranks split one draw between them
+    share = sum(targets[i] for i in whole) / len(whole)
+    assert 0.3 < share < 0.7  # the 10% class drawn about as often as the 90% one
+    epoch1 = BalancedSampler(targets, seed=3)
+    epoch1.set_epoch(1)
+    assert list(epoch1) != whole
+    with pytest.raises(ValueError):
+        BalancedSampler(targets, rank=2, world_size=2)

@@ -23,7 +23,7 @@ from core.predict import Prediction, predict_tensor, upload_digest
 from core.preprocess import display_rgb, model_input
 from core.tasks import TaskSpec, tasks_for_page
 from ui.cache import get_classifier
-from ui.widgets import card_summary, disclaimer, probability_chart
+from ui.widgets import card_summary, disclaimer, png_bytes, probability_chart
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +130,13 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
             return
         _count("cam_runs")
     heatmap = analysis.cams[cam_key]
+    blended = overlay(analysis.rgb, heatmap, opacity, colormap, threshold)
     left, right = st.columns(2)
     left.image(analysis.rgb, caption="As read", width="stretch")
-    right.image(overlay(analysis.rgb, heatmap, opacity, colormap, threshold),
-                caption=f"{method} for '{target}'", width="stretch")
+    right.image(blended, caption=f"{method} for '{target}'", width="stretch")
+    right.download_button("Download the overlay (PNG)", data=png_bytes(blended), mime="image/png", on_click="ignore",
+                          file_name=f"secondlook-{spec.key}-{target}-{method.lower().replace('+', 'plus')}.png",
+                          key=f"cam_download_{prefix}")
     if float(heatmap.max()) <= 0.0:
         st.info(f"{method} finds no region that raises the score of '{target}' in this image.")
     st.caption(

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
+import pandas  # noqa: F401 - see below
 import plotly.graph_objects as go
 import streamlit as st
+
+# plotly imports pandas lazily, the first time a figure is built, and hands out whatever is in
+# sys.modules: with several sessions building their first chart at once, one thread got the
+# half-imported module of another ("partially initialized module 'pandas' has no attribute
+# 'Series'", found by `python -m benchmarks.load`). Importing it here, under the import lock,
+# finishes it before any session can build a figure.
 
 from core.cards import ModelCard
 from core.predict import Prediction
@@ -19,6 +28,14 @@ DISCLAIMER = (
     "**For research and education only — not for diagnosis.** SecondLook is not a medical device. "
     "Its output must not guide the care of a patient."
 )
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) RGB -> PNG file bytes, in memory (no metadata: nothing but pixels)."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError("the overlay could not be encoded as PNG")
+    return encoded.tobytes()
 
 
 def disclaimer() -> None:

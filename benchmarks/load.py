@@ -1,0 +1,127 @@
+"""Load test: many concurrent browser-less sessions against a local app server.
+
+    python -m benchmarks.load --sessions 10 --seconds 60
+    python -m benchmarks.load --sessions 10 --seconds 60 --images ../shared/data/brain_mri/train/glioma
+
+Each session speaks Streamlit's websocket protocol (`benchmarks.session`): it opens the page,
+then, until the time is up, uploads a new scan (PNG and DICOM in turn, every one different,
+so nothing is served from a session's cache), waits for the prediction and the heatmap image,
+and starts again. Synthetic scans are flagged by the wrong-input guard, so a session then ticks
+"show anyway", as a reader would, and the time to result includes that step. Prints p50/p95
+time to result, results per second and every error; exits 1 if any session saw an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from benchmarks.samples import ct_dicom, encode, synthetic_slice
+from benchmarks.server import serve
+from benchmarks.session import AppSession, RunResult, SessionError
+
+RESULT_TEXT = "Model output:"
+FLAGGED_TEXT = "Not classified"
+OVERRIDE_LABEL = "Show the model's output anyway"
+
+
+def uploads(images: Path | None, start: int) -> Iterator[tuple[str, bytes]]:
+    """Endless (name, bytes): files of a folder in turn, or synthetic PNG and DICOM scans, each different."""
+    if images is not None:
+        files = sorted(p for p in images.rglob("*") if p.is_file())
+        if not files:
+            raise SystemExit(f"no files under {images}")
+        return ((p.name, p.read_bytes()) for p in itertools.islice(itertools.cycle(files), start, None))
+    return ((f"scan{i}.png", encode(synthetic_slice(512, seed=i))) if i % 2 == 0 else (f"slice{i}.dcm", ct_dicom(512, seed=i))
+            for i in itertools.count(start))
+
+
+async def one_result(session: AppSession, page: str, uploader: str, name: str, data: bytes) -> float:
+    """Upload one scan and wait for the prediction and heatmap; returns the seconds it took."""
+    started = time.monotonic()
+    result: RunResult = await session.upload(page, name, data, uploader)
+    if not result.says(RESULT_TEXT) and result.says(FLAGGED_TEXT):
+        override = next((i for label, i in result.widgets.items() if label.startswith(OVERRIDE_LABEL)), None)
+        if override is None:
+            raise SessionError("flagged scan without the 'show anyway' box")
+        from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+        result = await session.run(page, [session.last_upload_state, WidgetState(id=override, bool_value=True)])
+    if result.exceptions:
+        raise SessionError("; ".join(result.exceptions))
+    if not result.says(RESULT_TEXT):
+        raise SessionError(f"no result for {name}: " + " | ".join(t[:80] for t in result.texts[-3:]))
+    if len(result.image_urls) < 2:
+        raise SessionError(f"no heatmap for {name}")
+    return time.monotonic() - started
+
+
+async def run_session(url: str, page: str, index: int, seconds: float, images: Path | None,
+                      times: list[float], errors: list[str]) -> None:
+    source = uploads(images, start=index * 1000)
+    try:
+        async with AppSession(url) as session:
+            opened = await session.run(page)
+            if not opened.uploader_ids:
+                raise SessionError(f"page {page!r} shows no file uploader")
+            stop = time.monotonic() + seconds
+            while time.monotonic() < stop:
+                name, data = next(source)
+                times.append(await one_result(session, page, opened.uploader_ids[0], name, data))
+    except (SessionError, OSError, asyncio.TimeoutError) as exc:
+        errors.append(f"session {index}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a protocol surprise is a reported error, not a crash of the test
+        errors.append(f"session {index}: {type(exc).__name__}: {exc}")
+
+
+async def load(url: str, page: str, sessions: int, seconds: float, images: Path | None) -> dict:
+    """Run the sessions concurrently; return the figures."""
+    times: list[float] = []
+    errors: list[str] = []
+    started = time.monotonic()
+    await asyncio.gather(*(run_session(url, page, i, seconds, images, times, errors) for i in range(sessions)))
+    wall = time.monotonic() - started
+    ordered = sorted(times)
+    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))] if ordered else float("nan")
+    return {"sessions": sessions, "seconds": round(wall, 1), "results": len(times), "errors": errors,
+            "p50_s": statistics.median(ordered) if ordered else float("nan"), "p95_s": p95,
+            "results_per_s": len(times) / wall if wall else 0.0}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Concurrent sessions against the app (Streamlit websocket protocol).")
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long each session keeps uploading")
+    parser.add_argument("--page", default="Brain_MRI", help="page URL path")
+    parser.add_argument("--images", type=Path, default=None, help="upload these files in turn (default: synthetic scans)")
+    parser.add_argument("--url", default=None, help="an already running app (default: start one)")
+    return parser
+
+
+def report(figures: dict) -> str:
+    lines = [f"load test: {figures['sessions']} concurrent sessions for {figures['seconds']} s: "
+             f"{figures['results']} results ({figures['results_per_s']:.2f}/s), "
+             f"time to result p50 {figures['p50_s']:.2f} s, p95 {figures['p95_s']:.2f} s, errors {len(figures['errors'])}"]
+    lines += [f"  error: {e}" for e in figures["errors"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.url:
+        figures = asyncio.run(load(args.url, args.page, args.sessions, args.seconds, args.images))
+    else:
+        with serve() as server:
+            figures = asyncio.run(load(server.url, args.page, args.sessions, args.seconds, args.images))
+    print(report(figures))
+    return 1 if figures["errors"] or not figures["results"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

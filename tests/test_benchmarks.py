@@ -1,0 +1,42 @@
+"""The benchmark command runs and prints its figures; ten concurrent sessions get results without errors.
+
+Timings are not asserted here (a loaded CI machine is not a benchmark); `python -m benchmarks`
+prints them against the targets, and the README records a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.load import load
+from benchmarks.server import serve
+from tests.conftest import REPO
+
+
+def test_benchmark_command_prints_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--models", "ct_covid", "--no-server",
+                             "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert "| ct_covid |" in text and "| baseline ResNet-50 |" in text
+    assert "peak resident memory, 5 models" in text and "targets: predict p50 <= 40 ms" in text
+    figures = json.loads(out.read_text())
+    model = figures["models"]["ct_covid"]
+    assert set(model["cam_ms"]) == {"Grad-CAM", "Grad-CAM++", "HiResCAM", "XGradCAM", "LayerCAM", "EigenCAM"}
+    assert model["throughput_model"] > 0 and model["throughput_files"] > 0
+    assert 0 < model["predict_png_ms"][0] <= model["predict_png_ms"][1]
+    assert figures["memory"]["peak_rss_mb"] >= max(figures["memory"]["stages_mb"].values()) - 1
+
+
+def test_ten_concurrent_sessions_get_results_without_errors() -> None:
+    """Ten websocket sessions upload PNG and DICOM scans at once; every one gets a prediction and a heatmap."""
+    with serve(timeout=90) as server:
+        figures = asyncio.run(load(server.url, "Brain_MRI", sessions=10, seconds=5, images=None))
+    assert figures["errors"] == []
+    assert figures["results"] >= 10  # each session finished at least one upload -> result
+    assert figures["p50_s"] <= figures["p95_s"]
