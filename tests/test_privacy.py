@@ -58,3 +58,50 @@ def test_upload_to_heatmap_writes_nothing_and_shows_no_patient_tags(caplog) -> N
         assert secret not in page_text
         assert secret not in caplog.text
     assert "IM0001" not in caplog.text  # logs carry a hash of the upload, not its name
+
+
+def _parse_multipart(size: int) -> list:
+    """Parse one upload of `size` bytes the way Streamlit's server does; return the writes it made."""
+    import asyncio
+
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartParser
+
+    global _recording
+    boundary = "secondlookboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"IM0001.dcm\"\r\n"
+            "Content-Type: application/dicom\r\n\r\n").encode() + os.urandom(size) + f"\r\n--{boundary}--\r\n".encode()
+
+    async def stream():
+        for start in range(0, len(body), 65536):
+            yield body[start:start + 65536]
+
+    async def parse() -> None:
+        form = await MultiPartParser(Headers({"content-type": f"multipart/form-data; boundary={boundary}"}), stream()).parse()
+        upload = form["file"]
+        assert len(await upload.read()) == size
+        await form.close()
+
+    _recording = []
+    try:
+        asyncio.run(parse())
+    finally:
+        written, _recording = _recording, None
+    return written
+
+
+def test_server_keeps_large_uploads_in_memory() -> None:
+    """A 5 MB upload is parsed without a temporary file once a page has run (it would spool to disk otherwise)."""
+    from starlette.formparsers import MultiPartParser
+
+    from ui.cache import keep_uploads_in_memory
+
+    default = MultiPartParser.spool_max_size
+    try:
+        MultiPartParser.spool_max_size = 1024 * 1024  # Starlette's default
+        assert _parse_multipart(5 * 2**20) != [], "the check must see the spooled temporary file"
+        AppTest.from_file(str(REPO / "pages/1_Brain_MRI.py"), default_timeout=180).run()
+        assert _parse_multipart(5 * 2**20) == []
+    finally:
+        MultiPartParser.spool_max_size = max(default, MultiPartParser.spool_max_size)
+    keep_uploads_in_memory()

@@ -22,7 +22,7 @@ from core.models import Classifier, WeightsError
 from core.predict import Prediction, predict_tensor, upload_digest
 from core.preprocess import display_rgb, model_input
 from core.tasks import TaskSpec, tasks_for_page
-from ui.cache import get_classifier
+from ui.cache import get_classifier, keep_uploads_in_memory
 from ui.widgets import card_summary, disclaimer, png_bytes, probability_chart
 
 logger = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
 def render_task_page(page: str) -> None:
     """The whole screen for one app page (see `core.tasks.PAGES`)."""
     st.set_page_config(page_title=f"{page} - SecondLook", layout="wide")
+    keep_uploads_in_memory()
     st.title(page)
     disclaimer()
     spec = choose_model(tasks_for_page(page), page)
