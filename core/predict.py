@@ -186,7 +186,7 @@ def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes |
         batch = torch.cat([tensor for *_, tensor in pending])
         predictions = predict_batch(classifier, batch, [scan for _, _, scan, _ in pending])
         for (name, digest, _, _), prediction in zip(pending, predictions):
-            logger.info("upload %s -> %s: %s", digest, classifier.spec.key, prediction.flag and "flagged" or prediction.label)
+            logger.info("upload %s -> %s: %s", digest, classifier.spec.key, "flagged" if prediction.flag else prediction.label)
             yield result_row(name, prediction)
         pending.clear()
 
