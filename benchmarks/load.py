@@ -102,10 +102,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def server_memory(pid: int) -> dict:
+    """The server's resident memory now and at its peak, in MB (Linux /proc)."""
+    memory = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                memory[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return {"server_rss_mb": memory.get("VmRSS"), "server_peak_mb": memory.get("VmHWM")}
+
+
 def report(figures: dict) -> str:
     lines = [f"load test: {figures['sessions']} concurrent sessions for {figures['seconds']} s: "
              f"{figures['results']} results ({figures['results_per_s']:.2f}/s), "
              f"time to result p50 {figures['p50_s']:.2f} s, p95 {figures['p95_s']:.2f} s, errors {len(figures['errors'])}"]
+    if figures.get("server_peak_mb"):
+        lines.append(f"  server memory: {figures['server_rss_mb']:.0f} MB resident after the run, peak {figures['server_peak_mb']:.0f} MB")
     lines += [f"  error: {e}" for e in figures["errors"]]
     return "\n".join(lines)
 
@@ -117,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with serve() as server:
             figures = asyncio.run(load(server.url, args.page, args.sessions, args.seconds, args.images))
+            figures.update(server_memory(server.process.pid))
     print(report(figures))
     return 1 if figures["errors"] or not figures["results"] else 0
 

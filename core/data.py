@@ -32,12 +32,14 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Record:
-    """One labelled image: absolute path, path relative to the data folder, label, patient."""
+    """One labelled image: absolute path, path relative to the data folder, label, patient,
+    and the manifest's own `split` value where it has one (e.g. an official train/test)."""
 
     path: Path
     rel: str
     label: str
     patient: str | None = None
+    split: str | None = None
 
 
 def read_records(root: Path) -> list[Record]:
@@ -66,7 +68,8 @@ def read_records(root: Path) -> list[Record]:
                 raise ValueError(f"{manifest} needs columns path,label; it has {', '.join(sorted(columns))}")
             for row in reader:
                 patient = (row.get("patient") or "").strip() or None
-                records.append(Record(root / row["path"], row["path"], row["label"].strip(), patient))
+                split = (row.get("split") or "").strip() or None
+                records.append(Record(root / row["path"], row["path"], row["label"].strip(), patient, split))
     else:
         suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -162,6 +165,52 @@ def near_duplicate_groups(hashes: np.ndarray, mirrored: np.ndarray, threshold: i
     return components.labels()
 
 
+def hash_images(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Difference hashes (N, 32) of images and of their mirror images, for `near_duplicate_groups`."""
+    hashes = np.stack([difference_hash(img) for img in images])
+    mirrored = np.stack([difference_hash(img[:, ::-1]) for img in images])
+    return hashes, mirrored
+
+
+def audit_near_duplicates(records: list[Record], images: list[np.ndarray], sides: list[str | None] | None = None,
+                          threshold: int = HASH_THRESHOLD) -> dict:
+    """How a dataset's near-duplicates fall: groups, groups mixing labels, and leaks across a split.
+
+    Args:
+        records: The labelled images.
+        images: Their pixels (H, W), uint8 or float in [0, 1].
+        sides: Optional split side per record ("train" and anything else); an image on a
+            non-train side leaks when its near-duplicate group holds a train image.
+        threshold: Largest Hamming distance (of 256 bits) counted as a near-duplicate.
+
+    Returns:
+        A JSON-ready dict: images, groups, grouped_images, largest_group, groups_mixing_labels,
+        images_in_mixed_groups and, with sides, per non-train side: images, with_train_duplicate.
+    """
+    near_dup = near_duplicate_groups(*hash_images(images), threshold=threshold)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(near_dup):
+        members[int(g)].append(i)
+    multi = [idx for idx in members.values() if len(idx) > 1]
+    mixed = [idx for idx in multi if len({records[i].label for i in idx}) > 1]
+    audit: dict = {
+        "images": len(records), "groups": len(members), "grouped_images": sum(map(len, multi)),
+        "groups_of_two_or_more": len(multi), "largest_group": max(map(len, members.values()), default=0),
+        "groups_mixing_labels": len(mixed), "images_in_mixed_groups": sum(map(len, mixed)), "threshold": threshold,
+    }
+    if sides is not None:
+        train_groups = {int(near_dup[i]) for i, side in enumerate(sides) if side == "train"}
+        leaks: dict[str, dict[str, int]] = {}
+        for i, side in enumerate(sides):
+            if side in (None, "train"):
+                continue
+            entry = leaks.setdefault(str(side), {"images": 0, "with_train_duplicate": 0})
+            entry["images"] += 1
+            entry["with_train_duplicate"] += int(near_dup[i]) in train_groups
+        audit["sides"] = dict(sorted(leaks.items()))
+    return audit
+
+
 def split_groups(records: list[Record], near_dup: np.ndarray) -> np.ndarray:
     """Final split groups: near-duplicate groups merged with patients where known.
 
@@ -254,9 +303,7 @@ def carve_split(
     Returns:
         (side per record, audit dict for the card, one-line description of the method).
     """
-    hashes = np.stack([difference_hash(img) for img in images])
-    mirrored = np.stack([difference_hash(img[:, ::-1]) for img in images])
-    near_dup = near_duplicate_groups(hashes, mirrored)
+    near_dup = near_duplicate_groups(*hash_images(images))
     groups = split_groups(records, near_dup)
     sides = stratified_group_split([r.label for r in records], groups, val_frac, test_frac, seed)
     audit = split_audit(records, groups, near_dup, sides)
@@ -406,3 +453,91 @@ class BalancedSampler(torch.utils.data.Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         drawn = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True, generator=generator)
         return iter(drawn[self.rank::self.world_size].tolist())
+
+
+# ---------------------------------------------------------------- command line
+
+
+def get_args_parser() -> "argparse.ArgumentParser":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m core.data", description="Data folder tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    audit = commands.add_parser("audit", help="near-duplicate groups, label conflicts and split leaks of a folder")
+    audit.add_argument("--data", required=True, type=Path, help="folder with manifest.csv or class subfolders")
+    audit.add_argument("--split", choices=("manifest", "card", "none"), default="manifest",
+                       help="which split to check for leaks: the manifest's `split` column (default), the split "
+                            "recorded in a model's card (--task, re-carved as core.train did), or none")
+    audit.add_argument("--task", default=None, help="registry key: read pixels as that model does (CT window); "
+                                                    "needed for --split card")
+    audit.add_argument("--threshold", type=int, default=HASH_THRESHOLD, help="Hamming distance (of 256 bits)")
+    audit.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _scan_pixels(records: list[Record]) -> list[np.ndarray]:
+    """Displayed pixels of every record (no model window), for folders audited without a task."""
+    images = []
+    for record in records:
+        try:
+            images.append(read_scan(record.path.read_bytes(), record.path.name).pixels)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {record.rel}: {exc}") from None
+    return images
+
+
+def format_audit(audit: dict, source: str) -> str:
+    lines = [
+        f"images: {audit['images']}",
+        f"near-duplicate groups: {audit['groups']} ({audit['groups_of_two_or_more']} with two or more images, "
+        f"holding {audit['grouped_images']}; largest {audit['largest_group']}; Hamming <= {audit['threshold']} of 256 bits, "
+        "mirrored copies included)",
+        f"groups mixing labels: {audit['groups_mixing_labels']} ({audit['images_in_mixed_groups']} images)",
+    ]
+    for side, leak in audit.get("sides", {}).items():
+        share = leak["with_train_duplicate"] / max(leak["images"], 1)
+        lines.append(f"{source} split, side '{side}': {leak['with_train_duplicate']} of {leak['images']} images "
+                     f"({share:.1%}) have a near-duplicate on the train side")
+    if "sides" in audit and not audit["sides"]:
+        lines.append(f"{source} split: every image is on the train side; nothing to check")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        records = read_records(args.data)
+        spec = None
+        if args.task:
+            from core.tasks import get_task
+
+            spec = get_task(args.task)
+            check_labels(records, spec)
+        sides: list | None = None
+        if args.split == "card":
+            if spec is None:
+                parser.error("--split card needs --task")
+            from core.cards import read_card
+            from core.models import WEIGHTS_DIR
+
+            card = read_card(WEIGHTS_DIR / f"{spec.key}.json")
+            records, images, carved = recorded_split(records, spec, card.training.get("config", {}))
+            sides = list(carved)
+        else:
+            images = load_pixels(records, spec) if spec else _scan_pixels(records)
+            if args.split == "manifest":
+                sides = [r.split for r in records]
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    audit = audit_near_duplicates(records, images, sides, args.threshold)
+    print(json.dumps(audit) if args.json else format_audit(audit, args.split))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
