@@ -100,6 +100,19 @@ def check_tags(scan: Scan, spec: TaskSpec) -> str | None:
     return None
 
 
+def plane_mismatch(scan: Scan, spec: TaskSpec) -> str | None:
+    """A warning when a DICOM slice's plane (from ImageOrientationPatient) is not the model's.
+
+    Returns:
+        The message, or None when the planes agree or either is unknown.
+    """
+    plane = scan.info.get("orientation")
+    if not plane or not spec.plane or plane == spec.plane:
+        return None
+    return (f"This slice is {plane} (from the DICOM orientation); the model was trained on {spec.plane} slices "
+            f"only, so its output on a {plane} slice has not been tested.")
+
+
 def explain_flag(spec: TaskSpec, belonging: float) -> str:
     """The message for an image-level flag."""
     return (

@@ -25,6 +25,14 @@ MAX_PIXELS = 40_000_000
 MIN_SIDE = 8
 MAX_ASPECT = 20.0
 DEFAULT_CT_WINDOW: tuple[float, float] = (-600.0, 1500.0)
+# Display windows (centre, width) in HU a CT reader expects; the viewer's own, never the model's.
+CT_WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "Lung": (-600.0, 1500.0),
+    "Mediastinum": (40.0, 400.0),
+    "Bone": (400.0, 1800.0),
+    "Brain": (40.0, 80.0),
+    "Subdural": (75.0, 215.0),
+}
 CT_MIN_HU = -1100.0
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")

@@ -40,6 +40,8 @@ class TaskSpec:
         ct_window: For CT models, the (centre, width) window in HU that the training images
             were exported in; DICOM input is windowed this way for the model.
         hflip: Whether a horizontal mirror is a label-preserving augmentation.
+        plane: The slice plane of the training images ("axial", "coronal", "sagittal"), where
+            they all share one; a DICOM slice in another plane gets a warning.
     """
 
     key: str
@@ -60,6 +62,7 @@ class TaskSpec:
     limitations: tuple[str, ...] = ()
     ct_window: tuple[float, float] | None = None
     hflip: bool = True
+    plane: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -154,6 +157,7 @@ TASKS: dict[str, TaskSpec] = {
             modalities=("CT",),
             trained_on="Axial lung CT slices, mostly in a lung window, cropped from papers (UCSD COVID-CT)",
             ct_window=LUNG_WINDOW,
+            plane="axial",
             source="UCSD COVID-CT (Zhao, Yang et al. 2020): slices from papers, preprints and MedPix",
             licence="as published by the UCSD-AI4H COVID-CT repository (research use)",
             limitations=(
@@ -172,6 +176,7 @@ TASKS: dict[str, TaskSpec] = {
             modalities=("CT",),
             trained_on="Axial chest CT slices in a soft-tissue window (IQ-OTH/NCCD, Iraq)",
             ct_window=MEDIASTINUM_WINDOW,
+            plane="axial",
             source="IQ-OTH/NCCD lung cancer CT (Alyasriy & Al-Huseiny, Mendeley Data), Iraq",
             licence="CC BY 4.0",
             limitations=(

@@ -201,11 +201,16 @@ def make_split(spec: TaskSpec, args: argparse.Namespace) -> Split:
     logger.info("reading %d images from %s", len(records), args.data)
     images = load_pixels(records, spec)
     sides, audit, method = carve_split(records, images, args.val_frac, args.test_frac, args.seed)
+    logger.info("split: %s", audit["counts"])
+    return split_from_sides(spec, records, images, sides, audit, method)
+
+
+def split_from_sides(spec: TaskSpec, records: list, images: list[np.ndarray], sides, audit: dict, method: str) -> Split:
+    """Images and targets grouped by side ("train" / "val" / "test", one per record)."""
     split = Split({s: [] for s in SPLITS}, {s: [] for s in SPLITS}, audit, method)
     for record, image, side in zip(records, images, sides):
         split.images[side].append(image)
         split.targets[side].append(spec.label_index(record.label))
-    logger.info("split: %s", audit["counts"])
     return split
 
 
@@ -255,8 +260,14 @@ def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, spec: TaskSpec, runtime: Runtime,
-                    freeze_bn: bool, desc: str) -> float:
-    """One pass over this rank's share of the balanced sampler; returns the mean loss over all ranks."""
+                    freeze_bn: bool, desc: str) -> tuple[float, float, float]:
+    """One pass over this rank's share of the balanced sampler.
+
+    Returns:
+        (mean loss over all ranks, training images per second over all ranks, share of this
+        rank's time spent waiting for the data loader). `loss.item()` synchronises each step,
+        so on a GPU the wait is real idle time, not queued kernels.
+    """
     from tqdm import tqdm
 
     set_bn_mode(model, freeze_bn)
@@ -265,7 +276,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     use_amp = device.type == "cuda"
     total, count = 0.0, 0
     progress = tqdm(loader, desc=desc, mininterval=5, leave=False, file=sys.stderr, disable=None if runtime.main else True)
+    waited, started = 0.0, time.perf_counter()
+    asked = started
     for images, targets in progress:
+        waited += time.perf_counter() - asked
         batch = normalize(images.to(device, non_blocking=True), spec).contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -276,8 +290,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         scheduler.step()
         total += loss.item() * len(targets)
         count += len(targets)
+        asked = time.perf_counter()
+    elapsed = time.perf_counter() - started
     total, count = all_sum([total, count], runtime)
-    return total / max(count, 1)
+    return total / max(count, 1), count / max(elapsed, 1e-9), waited / max(elapsed, 1e-9)
 
 
 def evaluate(model: nn.Module, loader: DataLoader, spec: TaskSpec, runtime: Runtime) -> dict:
@@ -317,11 +333,12 @@ def run_stage(model: nn.Module, loaders: dict[str, DataLoader], spec: TaskSpec, 
         loaders["train"].dataset.epoch = len(history.epochs)
         loaders["train"].sampler.set_epoch(len(history.epochs))
         start = time.time()
-        loss = train_one_epoch(net, loaders["train"], optimizer, scheduler, spec, runtime, freeze_bn,
-                               f"{stage} {epoch}/{epochs}")
+        loss, speed, waiting = train_one_epoch(net, loaders["train"], optimizer, scheduler, spec, runtime, freeze_bn,
+                                               f"{stage} {epoch}/{epochs}")
         val = evaluate(model, loaders["val_shard"], spec, runtime)
         record = {"stage": stage, "epoch": epoch, "train_loss": round(loss, 4), "val_loss": round(val["loss"], 4),
-                  "val_balanced_accuracy": round(val["balanced_accuracy"], 4), "seconds": round(time.time() - start, 1)}
+                  "val_balanced_accuracy": round(val["balanced_accuracy"], 4), "seconds": round(time.time() - start, 1),
+                  "train_images_per_s": round(speed, 1), "data_wait_share": round(waiting, 3)}
         history.epochs.append(record)
         logger.info("%s", record)
         score = val["balanced_accuracy"] - 1e-3 * val["loss"]
@@ -407,13 +424,13 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
             dist.destroy_process_group()
 
 
-def train_and_record(args: argparse.Namespace, argv: list[str], runtime: Runtime, provenance: dict) -> None:
-    """Every rank trains; rank 0 alone saves, calibrates, scores and writes the card."""
-    seed_everything(args.seed)
-    spec = get_task(args.task)
-    arch = args.arch or spec.arch
-    started = time.time()
-    split = make_split(spec, args)
+def fit_and_score(spec: TaskSpec, split: Split, args: argparse.Namespace, runtime: Runtime, arch: str,
+                  weights: Path) -> tuple[dict, History] | None:
+    """Train on the split's train side, save the best state to `weights`, calibrate on val, score test.
+
+    Returns:
+        (calibration and test metrics, training history) on rank 0; None on the other ranks.
+    """
     loaders = make_loaders(spec, split, args, runtime)
     pretrained = None if args.pretrained == "none" else args.pretrained
     model = build_model(spec, pretrained, arch=arch).to(runtime.device).to(memory_format=torch.channels_last)
@@ -423,12 +440,25 @@ def train_and_record(args: argparse.Namespace, argv: list[str], runtime: Runtime
     run_stage(model, loaders, spec, args, runtime, history, "head", args.head_epochs if pretrained else 0, 0, freeze_bn)
     run_stage(model, loaders, spec, args, runtime, history, "finetune", args.epochs, unfreeze, freeze_bn)
     if not runtime.main:
-        return
+        return None
     if history.best_state is not None:
         model.load_state_dict(history.best_state)
-    weights = args.out / f"{spec.key}.safetensors"
     save_weights(model, weights)
-    scored = calibrate_and_score(spec, weights, loaders, args, arch)
+    return calibrate_and_score(spec, weights, loaders, args, arch), history
+
+
+def train_and_record(args: argparse.Namespace, argv: list[str], runtime: Runtime, provenance: dict) -> None:
+    """Every rank trains; rank 0 alone saves, calibrates, scores and writes the card."""
+    seed_everything(args.seed)
+    spec = get_task(args.task)
+    arch = args.arch or spec.arch
+    started = time.time()
+    split = make_split(spec, args)
+    weights = args.out / f"{spec.key}.safetensors"
+    fitted = fit_and_score(spec, split, args, runtime, arch, weights)
+    if fitted is None:
+        return
+    scored, history = fitted
     card = card_from_spec(
         spec,
         name=f"SecondLook {spec.title}",

@@ -138,3 +138,30 @@ def test_dicom_of_another_modality_is_flagged_by_its_tags() -> None:
     at.file_uploader[0].set_value(("us.dcm", make_dicom(array, modality="US", slope=None), "application/dicom")).run()
     assert not at.exception
     assert any("modality is US" in w.value for w in at.warning)
+
+
+def test_ct_display_window_never_changes_the_model_input_and_planes_are_checked() -> None:
+    import numpy as np
+
+    yy, xx = np.mgrid[0:128, 0:128]
+    stored = np.where(((yy - 64) ** 2 + (xx - 64) ** 2) < 50**2, 1064, 24).astype(np.int16)
+    coronal = make_dicom(stored, extra={"ImageOrientationPatient": [1, 0, 0, 0, 0, -1]})
+    at = page("Lung CT")
+    upload(at, "IMG0002", coronal, "application/octet-stream")
+    assert not at.exception, at.exception
+    assert any("This slice is coronal" in w.value and "axial" in w.value for w in at.warning)
+    window = next(s for s in at.selectbox if s.label == "Display window")
+    assert window.value == "Lung"  # the window the scan was read in
+    probabilities = [s.value for s in at.subheader if s.value.startswith("Model output:")]
+    passes, cams = at.session_state["forward_passes"], at.session_state["cam_runs"]
+    window.set_value("Bone").run()
+    assert "Shown at centre 400 / width 1800 HU." in page_texts(at)
+    assert "The model always sees centre / width -600 / 1500 HU." in page_texts(at)
+    next(s for s in at.selectbox if s.label == "Display window").set_value("Custom").run()
+    at.number_input[0].set_value(50.0).run()
+    at.number_input[1].set_value(350.0).run()
+    assert "Shown at centre 50 / width 350 HU." in page_texts(at)
+    assert not at.exception
+    assert at.session_state["forward_passes"] == passes and at.session_state["cam_runs"] == cams
+    assert [s.value for s in at.subheader if s.value.startswith("Model output:")] == probabilities
+    assert len(at.get("image")) == 2

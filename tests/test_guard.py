@@ -78,3 +78,19 @@ def test_a_tampered_guard_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "guard/ct_covid.safetensors").write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="guard"):
         load_model(get_task("ct_covid"), tmp_path / "ct_covid.safetensors")
+
+
+def test_plane_mismatch_warns_only_for_another_plane() -> None:
+    from core.guard import plane_mismatch
+    from core.imaging import read_scan
+
+    def scan(orientation: list[int] | None):
+        extra = {"ImageOrientationPatient": orientation} if orientation else None
+        return read_scan(make_dicom(np.arange(64 * 64, dtype=np.int16).reshape(64, 64), extra=extra), "x.dcm")
+
+    ct = get_task("ct_covid")
+    assert plane_mismatch(scan([1, 0, 0, 0, 1, 0]), ct) is None  # axial
+    assert plane_mismatch(scan(None), ct) is None  # no orientation tag: nothing to say
+    message = plane_mismatch(scan([0, 1, 0, 0, 0, -1]), ct)
+    assert message and "sagittal" in message and "axial" in message
+    assert plane_mismatch(scan([0, 1, 0, 0, 0, -1]), get_task("brain_mri")) is None  # trained on mixed planes

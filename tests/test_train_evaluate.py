@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.cards import read_card
@@ -130,3 +131,33 @@ def test_balanced_sampler_shards_one_balanced_draw() -> None:
     assert list(epoch1) != whole
     with pytest.raises(ValueError):
         BalancedSampler(targets, rank=2, world_size=2)
+
+
+def test_crossval_folds_hold_whole_groups_and_report_spread(synthetic_folder: Path, tmp_path: Path) -> None:
+    from core.crossval import assign_folds
+
+    groups = np.repeat(np.arange(10), 3)
+    labels = ["a"] * 15 + ["b"] * 15
+    folds = assign_folds(labels, groups, 3, seed=0)
+    assert all(len(set(folds[groups == g])) == 1 for g in range(10))  # a group never straddles folds
+    assert sorted(np.bincount(folds, minlength=3)) == [9, 9, 12]  # as even as whole groups of 3 allow
+    with pytest.raises(ValueError):
+        assign_folds(labels, groups, 1, seed=0)
+
+    report = tmp_path / "cv.json"
+    result = subprocess.run([sys.executable, "-m", "core.crossval", "--task", "ct_cancer", "--data", str(synthetic_folder),
+                             "--pretrained", "none", "--head-epochs", "0", "--epochs", "1", "--batch-size", "8",
+                             "--device", "cpu", "--folds", "3", "--report", str(report)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cv = json.loads(report.read_text())
+    assert [row["fold"] for row in cv["folds"]] == [1, 2, 3]
+    assert sum(row["n"] for row in cv["folds"]) == 72  # every image scored exactly once
+    assert all(row["leaks_across_sides"] == 0 for row in cv["folds"])
+    assert set(cv["summary"]["accuracy"]) == {"mean", "sd"} and "accuracy" in result.stdout
+
+
+def test_training_history_records_throughput_and_data_wait(trained: Path) -> None:
+    for epoch in read_card(trained / "ct_cancer.json").training["history"]:
+        assert epoch["train_images_per_s"] > 0
+        assert 0.0 <= epoch["data_wait_share"] <= 1.0

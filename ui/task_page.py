@@ -17,7 +17,8 @@ import streamlit as st
 import torch
 
 from core.explain import COLORMAPS, DEFAULT_METHOD, METHODS, compute_cam, overlay
-from core.imaging import Scan, ScanError, read_scan
+from core.guard import plane_mismatch
+from core.imaging import CT_WINDOW_PRESETS, Scan, ScanError, read_scan
 from core.models import Classifier, WeightsError
 from core.predict import Prediction, predict_tensor, upload_digest
 from core.preprocess import display_rgb, model_input
@@ -130,9 +131,10 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
             return
         _count("cam_runs")
     heatmap = analysis.cams[cam_key]
-    blended = overlay(analysis.rgb, heatmap, opacity, colormap, threshold)
+    rgb = viewer_image(spec, analysis, prefix)
+    blended = overlay(rgb, heatmap, opacity, colormap, threshold)
     left, right = st.columns(2)
-    left.image(analysis.rgb, caption="As read", width="stretch")
+    left.image(rgb, caption="As read" if rgb is analysis.rgb else "In the display window", width="stretch")
     right.image(blended, caption=f"{method} for '{target}'", width="stretch")
     right.download_button("Download the overlay (PNG)", data=png_bytes(blended), mime="image/png", on_click="ignore",
                           file_name=f"secondlook-{spec.key}-{target}-{method.lower().replace('+', 'plus')}.png",
@@ -144,6 +146,36 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
         "image: red marks where this image's evidence is strongest, not how strong it is. "
         "They show what drove the model, not where disease is."
     )
+
+
+def viewer_image(spec: TaskSpec, analysis: Analysis, prefix: str) -> np.ndarray:
+    """The image to show: for a CT DICOM, in the display window the reader picks (presets or free).
+
+    The display window never reaches the model: its input was made once, in the training
+    window, when the upload was analysed.
+    """
+    scan = analysis.scan
+    if scan.values is None or scan.modality != "CT":
+        return analysis.rgb
+    names = [*CT_WINDOW_PRESETS, "Custom"]
+    default = next((n for n, w in CT_WINDOW_PRESETS.items() if scan.window and np.allclose(w, scan.window)), "Custom")
+    col_preset, col_center, col_width = st.columns(3)
+    preset = col_preset.selectbox("Display window", names, index=names.index(default), key=f"window_{prefix}")
+    center, width = CT_WINDOW_PRESETS.get(preset, scan.window or CT_WINDOW_PRESETS["Lung"])
+    if preset == "Custom":
+        center = col_center.number_input("Centre (HU)", -1500.0, 3000.0, float(center), 10.0, key=f"window_c_{prefix}")
+        width = col_width.number_input("Width (HU)", 1.0, 5000.0, float(width), 10.0, key=f"window_w_{prefix}")
+    model_window = f"{spec.ct_window[0]:g} / {spec.ct_window[1]:g} HU" if spec.ct_window else "its training window"
+    col_center.caption(f"Shown at centre {center:g} / width {width:g} HU.")
+    col_width.caption(f"The model always sees centre / width {model_window}.")
+    return display_rgb(scan, (center, width))
+
+
+def show_plane_warning(spec: TaskSpec, scan: Scan) -> None:
+    """Warn when a DICOM slice's plane is not the plane the model was trained on."""
+    message = plane_mismatch(scan, spec)
+    if message:
+        st.warning(message)
 
 
 def render_task_page(page: str) -> None:
@@ -168,6 +200,7 @@ def render_task_page(page: str) -> None:
         st.error(result)
         return
     show_scan_notes(result.scan)
+    show_plane_warning(spec, result.scan)
     if result.prediction.flag and not confirm_flagged(spec, result):
         return
     show_prediction(classifier, result.prediction)
