@@ -63,7 +63,8 @@ class Prediction:
 
 
 def decide(probabilities: np.ndarray, labels: tuple[str, ...], positive: str | None, threshold: float | None) -> np.ndarray:
-    """Class decision per row: the positive class at or above its threshold, else argmax.
+    """Class decision per row: the positive class at or above its threshold, else the likeliest
+    other class (plain argmax where the model has no threshold). Works for any number of classes.
 
     Args:
         probabilities: float (N, C).
@@ -75,9 +76,11 @@ def decide(probabilities: np.ndarray, labels: tuple[str, ...], positive: str | N
         int64 (N,) class indices.
     """
     decided = probabilities.argmax(axis=1)
-    if positive is not None and threshold is not None and len(labels) == 2:
+    if positive is not None and threshold is not None:
         pos = labels.index(positive)
-        decided = np.where(probabilities[:, pos] >= threshold, pos, 1 - pos)
+        others = probabilities.astype(np.float64, copy=True)
+        others[:, pos] = -np.inf  # below the threshold: the likeliest of the other classes
+        decided = np.where(probabilities[:, pos] >= threshold, pos, others.argmax(axis=1))
     return decided.astype(np.int64)
 
 

@@ -25,7 +25,8 @@ class TaskSpec:
         title: Human name of the model, shown in the app.
         page: Title of the app page that offers this model.
         labels: Class keys, exactly the folder names in the training data, in logit order.
-        positive: For two-class models, the class whose probability is thresholded.
+        positive: The class whose probability is thresholded (any number of classes): at or above
+            the card's threshold the model calls it, below it the likeliest other class.
         arch: Backbone name understood by `core.models.build_model`.
         input_size: Side of the square model input in pixels.
         mean: Per-channel normalisation mean (the grayscale scan is repeated to 3 channels).
@@ -171,7 +172,7 @@ TASKS: dict[str, TaskSpec] = {
             title="Lung cancer CT slice (normal / benign / malignant)",
             page="Lung CT",
             labels=("normal", "benign", "malignant"),
-            positive=None,
+            positive="malignant",
             data_folder="ct_cancer",
             modalities=("CT",),
             trained_on="Axial chest CT slices in a soft-tissue window (IQ-OTH/NCCD, Iraq)",

@@ -93,7 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-frac", type=float, default=0.15)
     parser.add_argument("--test-frac", type=float, default=0.15)
     parser.add_argument("--min-sensitivity", type=float, default=None,
-                        help="binary models: choose the threshold for this sensitivity (default: Youden's J)")
+                        help="models with a positive class: choose its threshold for this validation sensitivity "
+                             "(default: Youden's J)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: 0 on cpu, 8 on cuda)")
@@ -363,7 +364,7 @@ def calibrate_and_score(spec: TaskSpec, weights: Path, loaders: dict[str, DataLo
     val_probs = softmax(val_logits, temperature)
     result: dict = {"temperature": temperature, "threshold": None, "threshold_rule": None}
     validation = {}
-    if spec.positive is not None and spec.num_classes == 2:
+    if spec.positive is not None:
         pos = spec.label_index(spec.positive)
         rule = (f"highest threshold with validation sensitivity >= {args.min_sensitivity}" if args.min_sensitivity
                 else "maximum Youden's J (sensitivity + specificity - 1) on validation")

@@ -200,3 +200,12 @@ def test_predict_command_never_stops_on_a_bad_file(tmp_path: Path) -> None:
     wrong = subprocess.run([sys.executable, "-m", "core.predict", "--task", "nope", str(good)],
                            capture_output=True, text=True, cwd=REPO, timeout=120)
     assert wrong.returncode == 2
+
+
+def test_decide_with_a_threshold_on_one_of_three_classes() -> None:
+    labels = ("normal", "benign", "malignant")
+    probabilities = np.array([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.6, 0.05, 0.35], [0.05, 0.15, 0.8]])
+    assert decide(probabilities, labels, None, None).tolist() == [0, 1, 0, 2]
+    # malignant at >= 0.25: called even when another class is likelier; otherwise the likeliest other class
+    assert decide(probabilities, labels, "malignant", 0.25).tolist() == [0, 2, 2, 2]
+    assert decide(probabilities, labels, "malignant", 0.9).tolist() == [0, 1, 0, 1]
