@@ -51,7 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from core.calibration import choose_threshold, fit_temperature, sensitivity_specificity, softmax
-from core.cards import card_from_spec, write_card
+from core.cards import card_from_spec, read_card, write_card
 from core.data import (
     SPLITS,
     BalancedSampler,
@@ -60,6 +60,7 @@ from core.data import (
     check_labels,
     load_pixels,
     read_records,
+    recorded_split,
     sample_records,
 )
 from core.evaluate import collect_logits, compute_metrics
@@ -100,6 +101,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: 0 on cpu, 8 on cuda)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("weights"), help="folder for <task>.safetensors and <task>.json")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="no training: refit temperature and threshold of the weights in --out on the validation "
+                             "side of the split their card recorded (e.g. after the registry gave the model a positive "
+                             "class or --min-sensitivity changed), rescore the test side, rewrite the card")
     return parser
 
 
@@ -448,10 +453,39 @@ def fit_and_score(spec: TaskSpec, split: Split, args: argparse.Namespace, runtim
     return calibrate_and_score(spec, weights, loaders, args, arch), history
 
 
+def recalibrate(spec: TaskSpec, args: argparse.Namespace, argv: list[str], runtime: Runtime, provenance: dict) -> None:
+    """Refit temperature and threshold of existing weights on their card's own split; rewrite the card.
+
+    The weights, the split (re-carved from the card's recorded settings) and the training record
+    stay as they were; the card gains `training.calibration` with the command and commit.
+    """
+    weights = args.out / f"{spec.key}.safetensors"
+    card_path = weights.with_suffix(".json")
+    card = read_card(card_path)
+    if sha256_file(weights) != card.sha256:
+        raise SystemExit(f"error: {weights} does not match its card's sha256; recalibrate only the file the card describes")
+    records, images, sides = recorded_split(read_records(args.data), spec, card.training.get("config", {}))
+    split = split_from_sides(spec, records, images, sides, card.split, card.split.get("method", ""))
+    scored = calibrate_and_score(spec, weights, make_loaders(spec, split, args, runtime), args, card.arch)
+    card.positive = spec.positive
+    card.temperature, card.threshold, card.threshold_rule = scored["temperature"], scored["threshold"], scored["threshold_rule"]
+    card.metrics = {"split": "test", **scored["metrics"]}
+    card.validation = scored["validation"]
+    card.training["calibration"] = {"command": "python -m core.train " + " ".join(shlex.quote(a) for a in argv),
+                                    "git_commit": provenance["git_commit"]}
+    write_card(card, card_path)
+    logger.info("recalibrated %s: threshold %s (%s), test accuracy %.4f", spec.key, card.threshold, card.threshold_rule,
+                card.metrics["accuracy"])
+
+
 def train_and_record(args: argparse.Namespace, argv: list[str], runtime: Runtime, provenance: dict) -> None:
     """Every rank trains; rank 0 alone saves, calibrates, scores and writes the card."""
     seed_everything(args.seed)
     spec = get_task(args.task)
+    if args.calibrate_only:
+        if runtime.main:
+            recalibrate(spec, args, argv, runtime, provenance)
+        return
     arch = args.arch or spec.arch
     started = time.time()
     split = make_split(spec, args)
