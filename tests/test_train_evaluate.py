@@ -52,8 +52,28 @@ def test_training_writes_loadable_weights_and_a_card(trained: Path) -> None:
     assert card.split["near_duplicate_groups_across_splits"] == 0
     assert card.training["command"].startswith("python -m core.train --task ct_cancer")
     assert card.training["epochs_run"] == 2 and len(card.training["history"]) == 2
-    assert card.temperature > 0 and card.threshold is None
+    assert card.temperature > 0 and card.positive == "malignant" and 0 < card.threshold < 1  # a threshold on 1 of 3
+    assert "at_threshold" in card.metrics and "Youden" in card.threshold_rule
     assert set(card.metrics) >= {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece", "per_class", "confusion_matrix"}
+
+
+def test_calibrate_only_refits_the_threshold_and_keeps_the_weights(synthetic_folder: Path, trained: Path,
+                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "recalibrated"
+    shutil.copytree(trained, out)
+    before = read_card(out / "ct_cancer.json")
+    argv = ["--task", "ct_cancer", "--data", str(synthetic_folder), "--out", str(out), "--min-sensitivity", "1.0",
+            "--device", "cpu", "--calibrate-only"]
+    main(get_args_parser().parse_args(argv), argv)
+    after = read_card(out / "ct_cancer.json")
+    assert after.sha256 == before.sha256 and after.training["history"] == before.training["history"]
+    assert after.threshold_rule == "highest threshold with validation sensitivity >= 1.0"
+    assert after.validation["at_threshold"]["sensitivity"] == 1.0
+    assert after.training["calibration"]["command"].endswith("--calibrate-only")
+    assert after.split == before.split and after.metrics["n"] == before.metrics["n"]
+    load_model(get_task("ct_cancer"), out / "ct_cancer.safetensors")
 
 
 def run_evaluate(*args: str) -> subprocess.CompletedProcess:

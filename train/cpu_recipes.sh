@@ -10,11 +10,13 @@ pretrained=${PRETRAINED:-../shared/pretrained/mobilenet_v2-features-imagenet-onn
 tasks=("$@")
 [ ${#tasks[@]} -gt 0 ] || tasks=(ct_covid ct_cancer brain_mri cxr_pneumonia cxr_covid)
 for task in "${tasks[@]}"; do
+  extra=()
   case $task in
-    ct_covid|ct_cancer) epochs=12 ;;
+    ct_covid) epochs=12 ;;
+    ct_cancer) epochs=12; extra=(--min-sensitivity 0.98) ;;  # malignant: a screening threshold
     *) epochs=3 ;;
   esac
   python -m core.train --task "$task" --data "$root/$task" --pretrained "$pretrained" \
-    --head-epochs 1 --epochs "$epochs" --unfreeze 5 --device cpu --out weights 2>&1 \
+    --head-epochs 1 --epochs "$epochs" --unfreeze 5 "${extra[@]}" --device cpu --out weights 2>&1 \
     | tee "train/$task.log"
 done
