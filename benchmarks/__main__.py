@@ -84,12 +84,13 @@ def bench_model(key: str, repeats: int, cam_repeats: int) -> dict:
     start = time.perf_counter()
     classifier = load_model(spec)
     figures: dict = {"load_ms": 1000 * (time.perf_counter() - start)}
-    for kind, name, data in (("png", "scan.png", encode(synthetic_slice(512, seed=5))), ("dicom", "slice.dcm", ct_dicom(512, seed=6))):
+    png = encode(synthetic_slice(512, seed=5))
+    for kind, name, data in (("png", "scan.png", png), ("dicom", "slice.dcm", ct_dicom(512, seed=6))):
         def path(data: bytes = data, name: str = name) -> None:
             scan = read_scan(data, name)
             predict_tensor(classifier, model_input(scan, spec), scan)
         figures[f"predict_{kind}_ms"] = p50_p95_ms(timed(path, repeats))
-    scan = read_scan(encode(synthetic_slice(512, seed=5)), "scan.png")
+    scan = read_scan(png, "scan.png")
     tensor = model_input(scan, spec)
     index = predict_tensor(classifier, tensor, scan).index
     figures["cam_ms"] = {m: p50_p95_ms(timed(lambda m=m: compute_cam(classifier, tensor, index, m), cam_repeats))

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks.memory import status_mb
 from benchmarks.samples import ct_dicom, encode, synthetic_slice
 from benchmarks.server import serve
 from benchmarks.session import AppSession, RunResult, SessionError
@@ -104,12 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def server_memory(pid: int) -> dict:
     """The server's resident memory now and at its peak, in MB (Linux /proc)."""
-    memory = {}
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                memory[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return {"server_rss_mb": memory.get("VmRSS"), "server_peak_mb": memory.get("VmHWM")}
+    return {"server_rss_mb": status_mb("VmRSS", pid), "server_peak_mb": status_mb("VmHWM", pid)}
 
 
 def report(figures: dict) -> str:

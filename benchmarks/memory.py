@@ -14,9 +14,9 @@ import json
 import sys
 
 
-def status_mb(field: str) -> float:
-    """A memory line of /proc/self/status (VmRSS, VmHWM) in MB."""
-    with open("/proc/self/status") as handle:
+def status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory line of /proc/<pid>/status (VmRSS, VmHWM) in MB."""
+    with open(f"/proc/{pid}/status") as handle:
         for line in handle:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024

@@ -28,13 +28,11 @@ import torch
 
 from core.data import (
     check_labels,
-    hash_images,
+    group_records,
     load_pixels,
-    near_duplicate_groups,
     read_records,
     sample_records,
     split_audit,
-    split_groups,
     stratified_group_split,
 )
 from core.tasks import get_task
@@ -75,12 +73,6 @@ def assign_folds(labels: list[str], groups: np.ndarray, folds: int, seed: int) -
     return fold_of
 
 
-def positive_f1(metrics: dict, positive: str | None) -> float | None:
-    if positive is None:
-        return None
-    return metrics["per_class"][positive]["f1"]
-
-
 def summarize(rows: list[dict]) -> dict:
     """Mean and sample standard deviation of every score over the folds."""
     summary = {}
@@ -104,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     records = sample_records(read_records(args.data), args.limit, args.seed)
     check_labels(records, spec)
     images = load_pixels(records, spec)
-    near_dup = near_duplicate_groups(*hash_images(images))
-    groups = split_groups(records, near_dup)
+    near_dup, groups = group_records(records, images)
     labels = [r.label for r in records]
     fold_of = assign_folds(labels, groups, args.folds, args.seed)
     runtime = Runtime(device=torch.device(args.device))
@@ -125,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"fold": k + 1, "n": m["n"], **{name: m[name] for name in SCORES},
                    "leaks_across_sides": audit["near_duplicate_groups_across_splits"], "best_epoch": history.best_epoch}
             if spec.positive is not None:
-                row[f"f1_{spec.positive}"] = positive_f1(m, spec.positive)
+                row[f"f1_{spec.positive}"] = m["per_class"][spec.positive]["f1"]
             if scored["threshold"] is not None:
                 row["threshold"] = scored["threshold"]
                 row.update({f"{key}_at_threshold": value for key, value in m["at_threshold"].items()})

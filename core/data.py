@@ -226,6 +226,12 @@ def split_groups(records: list[Record], near_dup: np.ndarray) -> np.ndarray:
     return components.labels()
 
 
+def group_records(records: list[Record], images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(near-duplicate group, split group) per record: the grouping every split of the project uses."""
+    near_dup = near_duplicate_groups(*hash_images(images))
+    return near_dup, split_groups(records, near_dup)
+
+
 def stratified_group_split(
     labels: list[str], groups: np.ndarray, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0
 ) -> np.ndarray:
@@ -303,8 +309,7 @@ def carve_split(
     Returns:
         (side per record, audit dict for the card, one-line description of the method).
     """
-    near_dup = near_duplicate_groups(*hash_images(images))
-    groups = split_groups(records, near_dup)
+    near_dup, groups = group_records(records, images)
     sides = stratified_group_split([r.label for r in records], groups, val_frac, test_frac, seed)
     audit = split_audit(records, groups, near_dup, sides)
     patients = " merged with patients" if any(r.patient for r in records) else ""

@@ -169,9 +169,9 @@ def read_upload(name: str, data: bytes, spec: TaskSpec) -> tuple[Scan, torch.Ten
     except ScanError as exc:
         logger.info("upload %s rejected for %s", upload_digest(data), spec.key)
         return result_row(name, status="rejected", reason=str(exc))
-    except Exception as exc:  # noqa: BLE001 - one bad file must never stop the batch
-        logger.exception("unexpected failure reading upload %s", upload_digest(data))
-        return result_row(name, status="error", reason=f"internal error ({type(exc).__name__})")
+    except Exception as exc:  # noqa: BLE001 - one bad file must never stop the rest; the type is logged, not the file
+        logger.error("upload %s failed for %s: %s", upload_digest(data), spec.key, type(exc).__name__)
+        return result_row(name, status="error", reason=f"internal error: {type(exc).__name__}")
 
 
 def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes | OSError]],

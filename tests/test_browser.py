@@ -52,41 +52,43 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def wait_for_text(driver, text: str, timeout: float = 120.0) -> str:
-    from selenium.webdriver.common.by import By
-
+def wait_for(condition, what: str, timeout: float = 60.0, page=None):
+    """Poll `condition` until it returns something truthy; fail naming `what` (and the page's text)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        body = driver.find_element(By.TAG_NAME, "body").text
-        if text in body:
-            return body
-        time.sleep(0.5)
-    raise AssertionError(f"{text!r} did not appear; page says: {body[:2000]}")
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    said = f"; page says: {page_text(page)[:2000]}" if page is not None else ""
+    raise AssertionError(f"{what} did not happen within {timeout:.0f} s{said}")
+
+
+def page_text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
 
 
 def wait_for_either(driver, first: str, second: str, timeout: float = 120.0) -> str:
-    from selenium.webdriver.common.by import By
+    """The page's text once it shows `first` or `second`."""
+    def shown() -> str | None:
+        body = page_text(driver)
+        return body if first in body or second in body else None
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        body = driver.find_element(By.TAG_NAME, "body").text
-        if first in body or second in body:
-            return body
-        time.sleep(0.5)
-    raise AssertionError(f"neither {first!r} nor {second!r} appeared; page says: {body[:2000]}")
+    return wait_for(shown, f"{first!r} or {second!r} appearing", timeout, page=driver)
+
+
+def wait_for_text(driver, text: str, timeout: float = 120.0) -> str:
+    return wait_for_either(driver, text, text, timeout)
 
 
 def wait_for_upload_input(driver, timeout: float = 120.0):
     """The file input appears once the page's model has loaded."""
     from selenium.webdriver.common.by import By
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        inputs = driver.find_elements(By.CSS_SELECTOR, "input[type=file]")
-        if inputs:
-            return inputs[0]
-        time.sleep(0.5)
-    raise AssertionError("no upload field appeared")
+    return wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "input[type=file]"), "the upload field appearing",
+                    timeout, page=driver)[0]
 
 
 def artifacts(tmp_path: Path) -> Path:
@@ -99,16 +101,6 @@ def wide_images(driver) -> list:
     from selenium.webdriver.common.by import By
 
     return [img for img in driver.find_elements(By.TAG_NAME, "img") if img.size["width"] > 100]
-
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
 
 
 def overlay_source(driver) -> str:
@@ -175,7 +167,7 @@ def test_upload_heatmap_controls_and_download(server, browser, tmp_path: Path, p
                      "the PNG download")[0]
     assert saved.name.startswith("secondlook-") and "layercam" in saved.name
     assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    body = browser.find_element(By.TAG_NAME, "body").text
+    body = page_text(browser)
     assert "Traceback" not in body and "LayerCAM for" in body
 
 

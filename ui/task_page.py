@@ -18,10 +18,10 @@ import torch
 
 from core.explain import COLORMAPS, DEFAULT_METHOD, METHODS, compute_cam, overlay
 from core.guard import plane_mismatch
-from core.imaging import CT_WINDOW_PRESETS, Scan, ScanError, read_scan
+from core.imaging import CT_WINDOW_PRESETS, Scan
 from core.models import Classifier, WeightsError
-from core.predict import Prediction, predict_tensor, upload_digest
-from core.preprocess import display_rgb, model_input
+from core.predict import Prediction, predict_tensor, read_upload, upload_digest
+from core.preprocess import display_rgb
 from core.tasks import TaskSpec, tasks_for_page
 from ui.cache import get_classifier, keep_uploads_in_memory
 from ui.widgets import card_summary, disclaimer, png_bytes, probability_chart
@@ -59,6 +59,10 @@ def choose_model(specs: list[TaskSpec], page: str) -> TaskSpec:
     return specs[titles.index(chosen)]
 
 
+def _failed(reason: str) -> str:
+    return f"This file could not be analysed ({reason}). Try another export of the image."
+
+
 def analyse(classifier: Classifier, data: bytes, filename: str) -> Analysis | str:
     """Read and predict one upload, once per session; a string is the message for a bad file."""
     digest = upload_digest(data)
@@ -67,17 +71,16 @@ def analyse(classifier: Classifier, data: bytes, filename: str) -> Analysis | st
     if key in store:
         store.move_to_end(key)
         return store[key]
+    read = read_upload(filename, data, classifier.spec)
+    if isinstance(read, dict):  # refused or failed, with the reason
+        return read["reason"] if read["status"] == "rejected" else _failed(read["reason"])
+    scan, tensor = read
     try:
-        scan = read_scan(data, filename)
-        tensor = model_input(scan, classifier.spec)
         prediction = predict_tensor(classifier, tensor, scan)
         _count("forward_passes")
-    except ScanError as exc:
-        logger.info("upload %s rejected for %s", digest, classifier.spec.key)
-        return str(exc)
     except Exception as exc:  # noqa: BLE001 - the page must survive any file; the reason is logged, not the file
         logger.error("upload %s failed for %s: %s", digest, classifier.spec.key, type(exc).__name__)
-        return f"This file could not be analysed (internal error: {type(exc).__name__}). Try another export of the image."
+        return _failed(f"internal error: {type(exc).__name__}")
     logger.info("upload %s -> %s: %s", digest, classifier.spec.key, prediction.label)
     analysis = Analysis(digest, scan, tensor, prediction, display_rgb(scan))
     store[key] = analysis
