@@ -3,7 +3,7 @@
 import streamlit as st
 
 from core.tasks import PAGES, tasks_for_page
-from ui.widgets import PAGE_FILES, disclaimer
+from ui.widgets import BATCH_PAGE, CARDS_PAGE, PAGE_FILES, disclaimer
 
 st.set_page_config(page_title="SecondLook", layout="wide")
 st.title("SecondLook")
@@ -20,4 +20,8 @@ for page in PAGES:
         st.page_link(PAGE_FILES[page], label=page, icon="🩻")
         for spec in tasks_for_page(page):
             st.markdown(f"- **{spec.title}**: {spec.trained_on}.")
+st.header("More")
+st.page_link(CARDS_PAGE, label="Model cards: what each model was trained on, its held-out figures with 95% intervals, "
+             "ROC, confusion and reliability plots, and how faithful its heatmaps are", icon="📋")
+st.page_link(BATCH_PAGE, label="Batch: many files or ZIP archives through one model, with a table and a CSV", icon="🗂️")
 st.caption("Nothing you upload is written to disk or kept after your session. Images are analysed in memory only.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import time
 import urllib.parse
 import uuid
@@ -35,6 +36,8 @@ class RunResult:
     seconds: float
     texts: list[str] = field(default_factory=list)
     image_urls: list[str] = field(default_factory=list)
+    inline_images: list[str] = field(default_factory=list)
+    heatmap_at: float | None = None  # time.monotonic() when the viewer with the overlay arrived
     uploader_ids: list[str] = field(default_factory=list)
     widgets: dict[str, str] = field(default_factory=dict)
     exceptions: list[str] = field(default_factory=list)
@@ -81,6 +84,9 @@ def _collect(msg, result: RunResult) -> None:
         result.uploader_ids.append(element.file_uploader.id)
     elif kind == "imgs":
         result.image_urls.extend(image.url for image in element.imgs.imgs)
+    elif kind == "plotly_chart":  # the image viewer: its images travel inside the figure as data: URIs
+        figure = json.loads(element.plotly_chart.spec or "{}")
+        result.inline_images.extend(t.get("source", "") for t in figure.get("data", []) if t.get("type") == "image")
     elif kind is not None:
         inner = getattr(element, kind)
         if isinstance(getattr(inner, "id", None), str) and getattr(inner, "label", ""):
@@ -162,6 +168,8 @@ class AppSession:
                 self.page_hashes = {("" if p.is_default else p.url_pathname): p.page_script_hash
                                     for p in msg.navigation.app_pages}
             _collect(msg, result)
+            if result.heatmap_at is None and len(result.inline_images) >= 2:
+                result.heatmap_at = time.monotonic()
             if kind == "script_finished":
                 if msg.script_finished == ForwardMsg.FINISHED_EARLY_FOR_RERUN:
                     continue

@@ -43,6 +43,8 @@ class ModelCard:
     weights_format: str = ""
     intended_use: str = ""
     guard: dict[str, Any] = field(default_factory=dict)
+    indeterminate: dict[str, Any] = field(default_factory=dict)
+    explanations: dict[str, Any] = field(default_factory=dict)
     limitations: list[str] = field(default_factory=list)
     card_version: int = CARD_VERSION
 

@@ -4,7 +4,7 @@ Usage:
     python -m core.predict --task brain_mri scan1.png scan2.dcm
 
 prints one JSON object per file and line: file, status (ok / rejected / error), reason,
-prediction, probabilities. It never stops on a bad file; the exit code is 0 unless the
+prediction, probabilities, uncertain. It never stops on a bad file; the exit code is 0 unless the
 command line itself is wrong.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from core.calibration import softmax
-from core.imaging import Scan, ScanError, read_scan
+from core.imaging import MAX_UPLOAD_BYTES, Scan, ScanError, read_scan
 from core.guard import check_tags, explain_flag
 from core.models import Classifier, WeightsError, head_module, load_model
 from core.preprocess import model_input
@@ -43,6 +43,7 @@ class Prediction:
         threshold: Operating threshold on the positive class, where the model has one.
         positive: The thresholded class, where the model has one.
         flag: Why the wrong-input guard thinks the scan does not belong to this model, or None.
+        margin: Half-width of the card's indeterminate band, or None where the card has none.
     """
 
     labels: tuple[str, ...]
@@ -51,6 +52,7 @@ class Prediction:
     threshold: float | None = None
     positive: str | None = None
     flag: str | None = None
+    margin: float | None = None
 
     @property
     def label(self) -> str:
@@ -60,6 +62,33 @@ class Prediction:
     def as_dict(self) -> dict[str, float]:
         """{label: probability}."""
         return {label: float(p) for label, p in zip(self.labels, self.probabilities)}
+
+    @property
+    def uncertain(self) -> bool:
+        """True inside the indeterminate band, where the output should read "uncertain", not a class."""
+        if self.margin is None:
+            return False
+        return bool(decision_margin(self.probabilities[None], self.labels, self.positive, self.threshold)[0] < self.margin)
+
+
+def decision_margin(probabilities: np.ndarray, labels: tuple[str, ...], positive: str | None,
+                    threshold: float | None) -> np.ndarray:
+    """How far each row is from changing its decision, in probability units.
+
+    With an operating threshold: |P(positive) - threshold|; without one: the top probability
+    minus the second. A row whose margin is below the card's indeterminate margin is uncertain.
+
+    Args:
+        probabilities: float (N, C).
+
+    Returns:
+        float64 (N,).
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if positive is not None and threshold is not None:
+        return np.abs(probabilities[:, labels.index(positive)] - threshold)
+    top = np.sort(probabilities, axis=1)
+    return top[:, -1] - top[:, -2]
 
 
 def decide(probabilities: np.ndarray, labels: tuple[str, ...], positive: str | None, threshold: float | None) -> np.ndarray:
@@ -126,7 +155,8 @@ def predict_batch(classifier: Classifier, batch: torch.Tensor, scans: Sequence[S
         flag = check_tags(scan, spec) if scan is not None else None
         if flag is None and belonging is not None and belonging[row] < classifier.guard.threshold:
             flag = explain_flag(spec, float(belonging[row]))
-        predictions.append(Prediction(spec.labels, probs[row], int(decided[row]), card.threshold, card.positive, flag))
+        predictions.append(Prediction(spec.labels, probs[row], int(decided[row]), card.threshold, card.positive, flag,
+                                      card.indeterminate.get("margin")))
     return predictions
 
 
@@ -152,12 +182,20 @@ def upload_digest(data: bytes) -> str:
 
 
 def result_row(name: str, prediction: Prediction | None = None, status: str = "ok", reason: str | None = None) -> dict:
-    """One output row: file, status (ok / rejected / error), reason, prediction, probabilities."""
-    row: dict = {"file": name, "status": status, "reason": reason, "prediction": None, "probabilities": None}
+    """One output row: file, status (ok / rejected / error), reason, prediction, probabilities, uncertain.
+
+    `uncertain` is True when an ok prediction falls inside the card's indeterminate band
+    (the reason then says so), False outside it, None when there is no prediction.
+    """
+    row: dict = {"file": name, "status": status, "reason": reason, "prediction": None, "probabilities": None,
+                 "uncertain": None}
     if prediction is not None and prediction.flag:
         row.update(status="rejected", reason=f"Not classified: {prediction.flag}.")
     elif prediction is not None:
-        row.update(prediction=prediction.label, probabilities=prediction.as_dict())
+        row.update(prediction=prediction.label, probabilities=prediction.as_dict(), uncertain=prediction.uncertain)
+        if prediction.uncertain:
+            row.update(reason=f"uncertain: inside the indeterminate band (+-{prediction.margin:.2f}) "
+                                              f"around the decision; the likelier call is {prediction.label}")
     return row
 
 
@@ -207,6 +245,53 @@ def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes |
         if len(pending) >= batch_size:
             yield from flush()
     yield from flush()
+
+
+MAX_ZIP_MEMBERS = 2000
+
+
+def is_zip(data: bytes) -> bool:
+    """True for a ZIP archive (local file header magic)."""
+    return data[:4] == b"PK\x03\x04"
+
+
+def unpack_zip(name: str, data: bytes, max_members: int = MAX_ZIP_MEMBERS,
+               max_total: int = MAX_UPLOAD_BYTES) -> Iterator[tuple[str, bytes]]:
+    """The files inside a ZIP upload as (archive name/member name, bytes), in archive order.
+
+    Folders, macOS resource forks (__MACOSX/, ._*) and hidden files are skipped; nested
+    archives are passed on as files (and refused by the reader). Everything stays in memory.
+
+    Raises:
+        ValueError: For an unreadable or encrypted archive, too many members, or more than
+            `max_total` bytes once unpacked (a ZIP bomb), with a plain reason.
+    """
+    import io
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = [m for m in archive.infolist() if not m.is_dir()
+                   and not any(part.startswith((".", "__MACOSX")) for part in Path(m.filename).parts)]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+        raise ValueError(f"{Path(name).name} is not a readable ZIP archive ({exc})") from None
+    if len(members) > max_members:
+        raise ValueError(f"{Path(name).name} holds {len(members)} files; at most {max_members} per archive")
+    if sum(m.file_size for m in members) > max_total:
+        raise ValueError(f"{Path(name).name} unpacks to more than {max_total // 2**20} MB; split it into smaller archives")
+    if any(m.flag_bits & 0x1 for m in members):
+        raise ValueError(f"{Path(name).name} is encrypted; upload an archive without a password")
+    total = 0
+    for member in members:
+        try:
+            with archive.open(member) as handle:
+                content = handle.read(max_total - total + 1)  # the sizes in the header may lie
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+            raise ValueError(f"{Path(name).name}: {member.filename} cannot be unpacked ({exc})") from None
+        total += len(content)
+        if total > max_total:
+            raise ValueError(f"{Path(name).name} unpacks to more than {max_total // 2**20} MB; split it into smaller archives")
+        yield f"{Path(name).name}/{member.filename}", content
 
 
 def _read_files(paths: Iterable[Path]) -> Iterator[tuple[str, bytes]]:

@@ -30,3 +30,28 @@ def page_texts(at) -> str:
 @pytest.fixture
 def png_bytes() -> bytes:
     return encode(synthetic_slice(160, seed=1))
+
+
+@pytest.fixture(autouse=True)
+def feedback_file(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Readers' feedback goes to a fresh temporary file in every test, never to the home folder."""
+    path = tmp_path_factory.mktemp("feedback") / "feedback.csv"
+    monkeypatch.setenv("SECONDLOOK_FEEDBACK", str(path))
+    return path
+
+
+def viewer_figure(at) -> dict:
+    """The synced image viewer's plotly figure on an AppTest page (the chart made of image traces)."""
+    import json
+
+    for chart in at.get("plotly_chart"):
+        figure = json.loads(chart.proto.spec)
+        if figure["data"] and all(trace["type"] == "image" for trace in figure["data"]):
+            return figure
+    raise AssertionError("no image viewer on the page")
+
+
+def viewer_sources(at) -> tuple[str, str]:
+    """(left image, overlay) data URIs shown by the viewer."""
+    left, right = viewer_figure(at)["data"]
+    return left["source"], right["source"]

@@ -6,14 +6,14 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.tasks import PAGES, tasks_for_page
-from tests.conftest import REPO, encode, make_dicom, page_texts, synthetic_slice
-from ui.widgets import PAGE_FILES
+from tests.conftest import REPO, encode, make_dicom, page_texts, synthetic_slice, viewer_figure, viewer_sources
+from ui.widgets import OTHER_PAGES, PAGE_FILES
 
 TIMEOUT = 180
 
 
 def page(name: str) -> AppTest:
-    at = AppTest.from_file(str(REPO / PAGE_FILES[name]), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(REPO / {**PAGE_FILES, **OTHER_PAGES}[name]), default_timeout=TIMEOUT)
     at.run()
     assert not at.exception, at.exception
     return at
@@ -68,21 +68,110 @@ def test_upload_gives_prediction_and_heatmap_and_sliders_only_reblend() -> None:
     upload(at, "scan.png", encode(synthetic_slice(200, seed=7)))
     assert not at.exception, at.exception
     assert any(s.value.startswith("Model output:") for s in at.subheader)
-    assert len(at.get("plotly_chart")) == 1
-    assert len(at.get("image")) == 2  # original and overlay side by side
+    assert len(at.get("plotly_chart")) == 2  # probabilities, and the viewer
     assert at.session_state["forward_passes"] == 1 and at.session_state["cam_runs"] == 1
+    assert at.session_state["road_runs"] == 1 and "Faithfulness (ROAD)" in page_texts(at)
+    image, first = viewer_sources(at)
+    assert image.startswith("data:image/png;base64,") and first.startswith("data:image/png;base64,")
 
     at.slider[0].set_value(0.8).run()  # opacity
+    assert viewer_sources(at)[1] != first and viewer_sources(at)[0] == image  # the overlay re-blends, the image stays
     at.slider[1].set_value(0.5).run()  # threshold
     at.selectbox[2].set_value("inferno").run()  # colormap
     assert not at.exception
     assert at.session_state["forward_passes"] == 1 and at.session_state["cam_runs"] == 1
+    assert at.session_state["road_runs"] == 1
 
     at.selectbox[1].set_value("EigenCAM").run()  # method: a new CAM, no new prediction
     assert at.session_state["forward_passes"] == 1 and at.session_state["cam_runs"] == 2
     at.selectbox[0].set_value("pituitary").run()  # class
     assert at.session_state["cam_runs"] == 3 and at.session_state["forward_passes"] == 1
     assert not at.exception
+
+
+def test_the_viewer_panels_zoom_and_pan_together() -> None:
+    at = page("Brain MRI")
+    upload(at, "scan.png", encode(synthetic_slice(200, seed=7)))
+    layout = viewer_figure(at)["layout"]
+    assert layout["xaxis2"]["matches"] == "x" and layout["yaxis2"]["matches"] == "y"
+    assert layout["dragmode"] == "zoom"
+
+
+def test_default_method_is_the_one_the_card_measured_most_faithful() -> None:
+    from ui.cache import get_classifier
+
+    at = page("Brain MRI")
+    upload(at, "scan.png", encode(synthetic_slice(200, seed=7)))
+    card = get_classifier("brain_mri").card
+    expected = card.explanations.get("default_method", "Grad-CAM")
+    assert next(s for s in at.selectbox if s.label == "Method").value == expected
+
+
+def test_strongest_region_outline_and_box_redraw_the_overlay_only() -> None:
+    at = page("Brain MRI")
+    upload(at, "scan.png", encode(synthetic_slice(200, seed=7)))
+    image, plain = viewer_sources(at)
+    region = next(r for r in at.radio if r.label == "Strongest region")
+    region.set_value("box").run()
+    boxed = viewer_sources(at)[1]
+    assert boxed != plain and viewer_sources(at)[0] == image
+    assert "Strongest region: where the heatmap reaches 50%" in page_texts(at)
+    next(r for r in at.radio if r.label == "Strongest region").set_value("outline").run()
+    assert viewer_sources(at)[1] not in (plain, boxed)
+    assert at.session_state["cam_runs"] == 1 and at.session_state["forward_passes"] == 1
+
+
+def test_stability_check_runs_only_on_request_and_once() -> None:
+    at = page("Brain MRI")
+    upload(at, "scan.png", encode(synthetic_slice(200, seed=7)))
+    assert "tta_runs" not in at.session_state
+    next(b for b in at.button if b.label.startswith("Check stability")).click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["tta_runs"] == 1
+    assert "augmented views give the same call" in page_texts(at)
+    assert len(at.get("plotly_chart")) == 3  # probabilities, spread, viewer
+    at.slider[0].set_value(0.8).run()
+    assert at.session_state["tta_runs"] == 1 and "augmented views give the same call" in page_texts(at)
+
+
+def test_inside_the_indeterminate_band_the_page_says_uncertain() -> None:
+    from ui.cache import get_classifier
+
+    card = get_classifier("brain_mri").card  # the process-wide cached model the page will use
+    saved = card.indeterminate
+    card.indeterminate = {"margin": 1.01, "rule": "top probability - second probability < 1.01", "test": {}}
+    try:
+        at = page("Brain MRI")
+        upload(at, "scan.png", encode(synthetic_slice(200, seed=7)))
+        assert any(s.value.startswith("Model output: uncertain (likelier ") for s in at.subheader)
+        assert any("indeterminate band" in w.value for w in at.warning)
+    finally:
+        card.indeterminate = saved
+
+
+def test_feedback_is_stored_as_hash_and_words_and_exported(feedback_file) -> None:
+    import csv
+    import hashlib
+
+    data = encode(synthetic_slice(200, seed=7))
+    at = page("Brain MRI")
+    upload(at, "Doe_Jane_1970.png", data)
+    at.radio(key=next(r.key for r in at.radio if r.key.startswith("fb_verdict_"))).set_value("disagree")
+    at.text_area[0].input("=HYPERLINK(1) looks like meningioma to me")
+    next(b for b in at.button if b.label == "Save my read").click().run()
+    assert not at.exception, at.exception
+    assert any("Saved: disagree" in s.value for s in at.success)
+    rows = list(csv.DictReader(feedback_file.open(encoding="utf-8")))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["upload_sha256"] == hashlib.sha256(data).hexdigest() and row["model"] == "brain_mri"
+    assert row["verdict"] == "disagree" and row["comment"].startswith("'=HYPERLINK")  # no live formula
+    text = feedback_file.read_text(encoding="utf-8")
+    assert "Doe_Jane" not in text and len(text) < 2000  # no file name, no pixels
+
+    cards = page("Model cards")
+    assert "1 verdicts stored" in page_texts(cards)
+    assert not next(b for b in cards.get("download_button") if "feedback" in b.proto.label).proto.disabled
 
 
 def test_dicom_upload_on_the_ct_page() -> None:
@@ -125,7 +214,7 @@ def test_a_flagged_upload_is_not_classified_until_the_reader_asks() -> None:
     assert not at.exception
     assert flagged(at)
     assert not any(s.value.startswith("Model output:") for s in at.subheader)
-    assert "forward_passes" in at.session_state and not at.get("image")
+    assert "forward_passes" in at.session_state and len(at.get("plotly_chart")) == 0
     upload(at, "letter.png", encode(document_arrays(1, seed=5)[0]))
     assert any(s.value.startswith("Model output:") for s in at.subheader)
 
@@ -164,4 +253,4 @@ def test_ct_display_window_never_changes_the_model_input_and_planes_are_checked(
     assert not at.exception
     assert at.session_state["forward_passes"] == passes and at.session_state["cam_runs"] == cams
     assert [s.value for s in at.subheader if s.value.startswith("Model output:")] == probabilities
-    assert len(at.get("image")) == 2
+    viewer_sources(at)

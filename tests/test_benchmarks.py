@@ -40,3 +40,4 @@ def test_ten_concurrent_sessions_get_results_without_errors() -> None:
     assert figures["errors"] == []
     assert figures["results"] >= 10  # each session finished at least one upload -> result
     assert figures["p50_s"] <= figures["p95_s"]
+    assert figures["heatmap_p50_s"] <= figures["p50_s"]  # the heatmap shows before the page's last work ends

@@ -97,19 +97,37 @@ def artifacts(tmp_path: Path) -> Path:
     return folder
 
 
-def wide_images(driver) -> list:
-    from selenium.webdriver.common.by import By
+VIEWER_JS = """
+for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+  if (gd.data && gd.data.length === 2 && gd.data.every(t => t.type === 'image')) { return gd; }
+}
+return null;
+"""
 
-    return [img for img in driver.find_elements(By.TAG_NAME, "img") if img.size["width"] > 100]
+
+def click_button(driver, text: str) -> bool:
+    """Click the first current button whose text contains `text`, in one step (the page may re-render
+    between two); a button left over from the previous run (Streamlit marks it data-stale) is not clicked."""
+    return driver.execute_script(
+        "for (const b of document.querySelectorAll('button')) {"
+        " if (b.innerText.includes(arguments[0]) && !b.disabled && !b.closest('[data-stale=\"true\"]')) {"
+        " b.click(); return true; } } return false;", text)
 
 
 def overlay_source(driver) -> str:
-    images = wide_images(driver)
-    return images[1].get_attribute("src") if len(images) >= 2 else ""
+    """The overlay the synced viewer has drawn: the href of the second <image> plotly rendered."""
+    return driver.execute_script(VIEWER_JS.replace("return gd;", "const drawn = gd.querySelectorAll('image');"
+                                                   " return drawn.length === 2 ? drawn[1].getAttribute('href') : '';")) or ""
+
+
+def viewer_ranges(driver) -> list:
+    """[x range, y range, x2 range, y2 range] of the viewer's axes as plotly holds them."""
+    return driver.execute_script(VIEWER_JS.replace(
+        "return gd;", "const l = gd._fullLayout; return [l.xaxis.range, l.yaxis.range, l.xaxis2.range, l.yaxis2.range];"))
 
 
 @pytest.mark.parametrize("path,title", [("", "SecondLook"), ("Brain_MRI", "Brain MRI"), ("Chest_X-ray", "Chest X-ray"),
-                                        ("Lung_CT", "Lung CT")])
+                                        ("Lung_CT", "Lung CT"), ("Model_cards", "Model cards"), ("Batch", "Batch")])
 def test_every_page_opens(server, browser, path: str, title: str) -> None:
     browser.get(f"{server}/{path}")
     body = wait_for_text(browser, "not for diagnosis")
@@ -161,14 +179,47 @@ def test_upload_heatmap_controls_and_download(server, browser, tmp_path: Path, p
     browser.save_screenshot(str(shots / f"{page}-layercam.png"))
 
     before = set(browser.downloads.iterdir())
-    wait_for(lambda: [b for b in browser.find_elements(By.TAG_NAME, "button") if "Download the overlay" in b.text],
-             "the download button")[0].click()
+    wait_for(lambda: click_button(browser, "Download the overlay"), "the download button")
     saved = wait_for(lambda: [p for p in set(browser.downloads.iterdir()) - before if p.suffix == ".png"],
                      "the PNG download")[0]
     assert saved.name.startswith("secondlook-") and "layercam" in saved.name
     assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    before = set(browser.downloads.iterdir())
+    wait_for(lambda: click_button(browser, "one-page report"), "the report button")
+    report = wait_for(lambda: [p for p in set(browser.downloads.iterdir()) - before if p.suffix == ".pdf"],
+                      "the PDF download")[0]
+    assert report.read_bytes()[:5] == b"%PDF-" and filename.split(".")[0] not in report.name
     body = page_text(browser)
     assert "Traceback" not in body and "LayerCAM for" in body
+
+
+def test_zooming_one_viewer_panel_zooms_the_other(server, browser, tmp_path: Path) -> None:
+    """Drag a zoom box on the image: the overlay panel follows to the same region."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    upload = tmp_path / "zoom.png"
+    upload.write_bytes(encode(synthetic_slice(200, seed=11)))
+    browser.get(f"{server}/Brain_MRI")
+    wait_for_text(browser, "not for diagnosis")
+    wait_for_upload_input(browser).send_keys(str(upload))
+    if "Model output:" not in wait_for_either(browser, "Model output:", "Not classified"):
+        browser.find_element(By.XPATH, "//*[contains(text(), \"Show the model's output anyway\")]").click()
+    wait_for(lambda: overlay_source(browser), "the viewer drawing the overlay")
+    wait_for_text(browser, "Faithfulness (ROAD)")  # the fragment has finished drawing
+    before = viewer_ranges(browser)
+    assert before[0] == before[2] and before[1] == before[3]
+    drag = wait_for(lambda: browser.execute_script(VIEWER_JS.replace(
+        "return gd;", "return gd.querySelector(\".nsewdrag[data-subplot='xy']\");")), "the viewer's drag layer")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", drag)
+    ActionChains(browser).move_to_element_with_offset(drag, -60, -60).click_and_hold().pause(0.2) \
+        .move_by_offset(20, 15).pause(0.1).move_by_offset(20, 15).pause(0.1).move_by_offset(40, 30).pause(0.2) \
+        .release().perform()
+    after = wait_for(lambda: (r := viewer_ranges(browser)) != before and r, "the zoom taking effect")
+    assert after[0] == after[2] and after[1] == after[3]  # both panels show the same region
+    assert abs(after[0][1] - after[0][0]) < abs(before[0][1] - before[0][0]) / 2  # and it is a zoom
+    browser.save_screenshot(str(artifacts(tmp_path) / "viewer-zoomed.png"))
 
 
 def test_bad_upload_gets_a_message_in_the_browser(server, browser, tmp_path: Path) -> None:

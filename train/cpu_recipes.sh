@@ -19,4 +19,7 @@ for task in "${tasks[@]}"; do
   python -m core.train --task "$task" --data "$root/$task" --pretrained "$pretrained" \
     --head-epochs 1 --epochs "$epochs" --unfreeze 5 "${extra[@]}" --device cpu --out weights 2>&1 \
     | tee "train/$task.log"
+  # intervals, curves, indeterminate band, CAM faithfulness and randomisation check into the card
+  python -m core.appraisal --task "$task" --data "$root/$task" 2>&1 | tee "train/$task.appraisal.log"
 done
+# then refit the wrong-input guards on the new features: python -m core.guard --data-root "$root"

@@ -47,8 +47,60 @@ def guard_table(folder: Path) -> None:
               f"{cell(measured['photos_held_out'])} | {cell(measured['documents_screenshots_held_out'])} |")
 
 
+def interval_table(folder: Path) -> None:
+    """95% bootstrap intervals and the indeterminate band, from each card's appraisal."""
+    print("| key | accuracy [95% CI] | macro-F1 [95% CI] | ROC-AUC [95% CI] | sensitivity / specificity [95% CI] "
+          "| uncertain band | test images uncertain | accuracy outside / inside |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in sorted(folder.glob("*.json")):
+        card = json.loads(path.read_text())
+        ci, band = card["metrics"].get("intervals"), card.get("indeterminate")
+        if not ci or not band:
+            continue
+
+        def cell(name: str) -> str:
+            v = ci.get(name)
+            return f"{v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" if v else "-"
+
+        test = band["test"]
+        sens = f"{cell('sensitivity')} / {cell('specificity')}" if "sensitivity" in ci else "-"
+        print(f"| {card['key']} | {cell('accuracy')} | {cell('macro_f1')} | {cell('roc_auc')} | {sens} | {band['rule'].replace('|', chr(92) + '|')} | "
+              f"{test['share_uncertain']:.1%} | {fmt(test['accuracy_outside'])} / {fmt(test['accuracy_inside'])} |")
+
+
+def explanation_table(folder: Path) -> None:
+    """Mean ROAD faithfulness per CAM method, the chosen default, and the randomisation check."""
+    cards = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    cards = [c for c in cards if c.get("explanations")]
+    if not cards:
+        return
+    methods = list(cards[0]["explanations"]["faithfulness"]["methods"])
+    print("| key | images | " + " | ".join(methods) + " | default |")
+    print("|---|---|" + "---|" * len(methods) + "---|")
+    for card in cards:
+        e = card["explanations"]
+        table = e["faithfulness"]["methods"]
+        print(f"| {card['key']} | {e['faithfulness']['images']} | "
+              + " | ".join(f"{table[m]['mean']:+.3f} ({table[m]['share_positive']:.0%})" for m in methods)
+              + f" | {e['default_method']} |")
+    print()
+    stages = cards[0]["explanations"]["sanity_check"]["stages"]
+    print("Randomisation check, mean |Spearman| with the trained model's map after randomising (cumulatively) "
+          + ", ".join(stages) + ":")
+    print()
+    print("| key | " + " | ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods))
+    for card in cards:
+        s = card["explanations"]["sanity_check"]["methods"]
+        print(f"| {card['key']} | " + " | ".join(" -> ".join(f"{v:.2f}" for v in s[m]) for m in methods) + " |")
+
+
 if __name__ == "__main__":
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "weights"
     main(folder)
     print()
     guard_table(folder)
+    print()
+    interval_table(folder)
+    print()
+    explanation_table(folder)

@@ -8,23 +8,29 @@ fragment, with no forward pass.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import streamlit as st
 import torch
 
-from core.explain import COLORMAPS, DEFAULT_METHOD, METHODS, compute_cam, overlay
+from core.explain import (COLORMAPS, DEFAULT_METHOD, LOCALISATION_THRESHOLD, METHODS, Faithfulness, compute_cam,
+                          draw_region, locate, overlay, road_score)
+from core.feedback import VERDICTS, make_feedback, record_feedback
 from core.guard import plane_mismatch
 from core.imaging import CT_WINDOW_PRESETS, Scan
 from core.models import Classifier, WeightsError
 from core.predict import Prediction, predict_tensor, read_upload, upload_digest
 from core.preprocess import display_rgb
+from core.report import ReportContent, render_pdf
 from core.tasks import TaskSpec, tasks_for_page
+from core.uncertainty import TTA_VIEWS, Spread, tta_spread
 from ui.cache import get_classifier, keep_uploads_in_memory
-from ui.widgets import card_summary, disclaimer, png_bytes, probability_chart
+from ui.widgets import VIEWER_CONFIG, card_summary, disclaimer, png_bytes, probability_chart, spread_chart, synced_viewer
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +43,14 @@ class Analysis:
     """What one session keeps for one (upload, model): never written anywhere."""
 
     digest: str
+    sha256: str
     scan: Scan
     tensor: torch.Tensor
     prediction: Prediction
     rgb: np.ndarray
     cams: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+    faithfulness: dict[tuple[int, str], Faithfulness] = field(default_factory=dict)
+    spread: Spread | None = None
 
 
 def _count(name: str) -> None:
@@ -82,7 +91,7 @@ def analyse(classifier: Classifier, data: bytes, filename: str) -> Analysis | st
         logger.error("upload %s failed for %s: %s", digest, classifier.spec.key, type(exc).__name__)
         return _failed(f"internal error: {type(exc).__name__}")
     logger.info("upload %s -> %s: %s", digest, classifier.spec.key, prediction.label)
-    analysis = Analysis(digest, scan, tensor, prediction, display_rgb(scan))
+    analysis = Analysis(digest, hashlib.sha256(data).hexdigest(), scan, tensor, prediction, display_rgb(scan))
     store[key] = analysis
     while len(store) > MAX_ANALYSES:
         store.popitem(last=False)
@@ -99,56 +108,167 @@ def show_scan_notes(scan: Scan) -> None:
 
 
 def show_prediction(classifier: Classifier, prediction: Prediction) -> None:
-    """The decided class, its calibrated probability, and every class in a bar chart."""
+    """The decided class (or "uncertain" inside the indeterminate band), its calibrated
+    probability, and every class in a bar chart."""
     p = float(prediction.probabilities[prediction.index])
-    st.subheader(f"Model output: {prediction.label} ({p:.1%})")
+    card = classifier.card
+    if prediction.uncertain:
+        st.subheader(f"Model output: uncertain (likelier {prediction.label}, {p:.1%})")
+        test = card.indeterminate.get("test", {})
+        measured = ""
+        if test.get("share_uncertain") is not None and test.get("accuracy_inside") is not None:
+            measured = (f" On the held-out split {test['share_uncertain']:.0%} of images fell in this band and the model "
+                        f"was right on {test['accuracy_inside']:.0%} of them (vs {test['accuracy_outside']:.0%} outside).")
+        st.warning(f"This output lies inside the indeterminate band ({card.indeterminate.get('rule', '')}): the model "
+                   f"cannot tell the classes apart here.{measured}")
+    else:
+        st.subheader(f"Model output: {prediction.label} ({p:.1%})")
     if prediction.threshold is not None:
+        at = card.metrics.get("at_threshold", {})
+        measured = (f"; on held-out images sensitivity {at['sensitivity']:.2f}, specificity {at['specificity']:.2f}"
+                    if at.get("sensitivity") is not None and at.get("specificity") is not None else "")
         st.caption(
             f"Calls {prediction.positive} when its probability is at least {prediction.threshold:.2f} "
-            f"(operating threshold chosen on validation data)."
+            f"(operating threshold chosen on validation data{measured})."
         )
     st.plotly_chart(probability_chart(prediction), key=f"probs_{classifier.spec.key}")
 
 
-@st.fragment
-def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
-    """CAM controls and the side-by-side viewer; re-runs alone when a control moves."""
-    spec = classifier.spec
-    prefix = f"{spec.key}_{analysis.digest}"
-    col_class, col_method, col_map = st.columns(3)
-    target = col_class.selectbox("Explain class", spec.labels, index=analysis.prediction.index, key=f"cam_class_{prefix}")
-    method = col_method.selectbox("Method", METHODS, index=METHODS.index(DEFAULT_METHOD), key=f"cam_method_{prefix}")
-    colormap = col_map.selectbox("Colormap", list(COLORMAPS), key=f"cam_cmap_{prefix}")
-    col_opacity, col_threshold = st.columns(2)
-    opacity = col_opacity.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key=f"cam_opacity_{prefix}")
-    threshold = col_threshold.slider("Hide activations below", 0.0, 0.95, 0.2, 0.05, key=f"cam_threshold_{prefix}")
+def stability_panel(classifier: Classifier, analysis: Analysis) -> None:
+    """Test-time augmentation on request: the spread of each class's probability over augmented views."""
+    prefix = f"{classifier.spec.key}_{analysis.digest}"
+    if analysis.spread is None:
+        if not st.button(f"Check stability ({TTA_VIEWS} slightly shifted, rotated and re-contrasted views)",
+                         key=f"tta_{prefix}"):
+            return
+        try:
+            with st.spinner("Predicting augmented views..."):
+                analysis.spread = tta_spread(classifier, analysis.scan)
+        except Exception as exc:  # noqa: BLE001 - the result above stays on screen whatever happens here
+            logger.error("TTA failed for %s: %s", classifier.spec.key, type(exc).__name__)
+            st.error(f"The stability check could not be run ({type(exc).__name__}).")
+            return
+        _count("tta_runs")
+    spread, index = analysis.spread, analysis.prediction.index
+    label = spread.labels[index]
+    agree = spread.agreement(index)
+    st.markdown(
+        f"**Stability:** {round(agree * len(spread.views))} of {len(spread.views)} augmented views give the same call "
+        f"({label}); P({label}) over the views {spread.mean[index]:.1%} +- {spread.std[index]:.1%} (SD)."
+    )
+    st.plotly_chart(spread_chart(spread, index), key=f"spread_{prefix}")
+    if agree < 0.8:
+        st.warning("The call changes under small changes of the image: treat it as uncertain.")
 
-    cam_key = (spec.label_index(target), method)
+
+def default_method(classifier: Classifier) -> str:
+    """The CAM method the card measured as most faithful on held-out images, else `DEFAULT_METHOD`."""
+    method = classifier.card.explanations.get("default_method")
+    return method if method in METHODS else DEFAULT_METHOD
+
+
+def heatmap_for(classifier: Classifier, analysis: Analysis, cam_key: tuple[int, str], target: str) -> np.ndarray | None:
+    """The heatmap for (class, method), computed once per analysis; None (with a message) if it fails."""
+    method = cam_key[1]
     if cam_key not in analysis.cams:
         try:
             with st.spinner(f"Computing {method} for {target}..."):
                 analysis.cams[cam_key] = compute_cam(classifier, analysis.tensor, cam_key[0], method)
         except Exception as exc:  # noqa: BLE001 - a failed heatmap must not take the page down
-            logger.error("CAM %s failed for %s: %s", method, spec.key, type(exc).__name__)
+            logger.error("CAM %s failed for %s: %s", method, classifier.spec.key, type(exc).__name__)
             st.error(f"{method} could not be computed for this image ({type(exc).__name__}); try another method.")
-            return
+            return None
         _count("cam_runs")
-    heatmap = analysis.cams[cam_key]
+    return analysis.cams[cam_key]
+
+
+def faithfulness_for(classifier: Classifier, analysis: Analysis, cam_key: tuple[int, str]) -> Faithfulness | None:
+    """ROAD faithfulness of the shown heatmap, computed once per (class, method)."""
+    if cam_key not in analysis.faithfulness:
+        try:
+            with st.spinner("Measuring how faithful this heatmap is..."):
+                analysis.faithfulness[cam_key] = road_score(classifier, analysis.tensor, analysis.cams[cam_key], cam_key[0])
+        except Exception as exc:  # noqa: BLE001 - the heatmap stays on screen without its score
+            logger.error("ROAD failed for %s: %s", classifier.spec.key, type(exc).__name__)
+            return None
+        _count("road_runs")
+    return analysis.faithfulness[cam_key]
+
+
+@st.fragment
+def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
+    """CAM controls, the synced zoom/pan viewer and the downloads; re-runs alone when a control moves."""
+    spec = classifier.spec
+    prefix = f"{spec.key}_{analysis.digest}"
+    col_class, col_method, col_map = st.columns(3)
+    target = col_class.selectbox("Explain class", spec.labels, index=analysis.prediction.index, key=f"cam_class_{prefix}")
+    preferred = default_method(classifier)
+    method = col_method.selectbox("Method", METHODS, index=METHODS.index(preferred), key=f"cam_method_{prefix}",
+                                  help=f"{preferred} is the default: it was the most faithful method for this model "
+                                       "on held-out images (see the Model cards page).")
+    colormap = col_map.selectbox("Colormap", list(COLORMAPS), key=f"cam_cmap_{prefix}")
+    col_opacity, col_threshold, col_region = st.columns(3)
+    opacity = col_opacity.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key=f"cam_opacity_{prefix}")
+    threshold = col_threshold.slider("Hide activations below", 0.0, 0.95, 0.2, 0.05, key=f"cam_threshold_{prefix}")
+    region_style = col_region.radio("Strongest region", ["off", "outline", "box"], horizontal=True,
+                                    key=f"cam_region_{prefix}")
+
+    cam_key = (spec.label_index(target), method)
+    heatmap = heatmap_for(classifier, analysis, cam_key, target)
+    if heatmap is None:
+        return
     rgb = viewer_image(spec, analysis, prefix)
     blended = overlay(rgb, heatmap, opacity, colormap, threshold)
-    left, right = st.columns(2)
-    left.image(rgb, caption="As read" if rgb is analysis.rgb else "In the display window", width="stretch")
-    right.image(blended, caption=f"{method} for '{target}'", width="stretch")
-    right.download_button("Download the overlay (PNG)", data=png_bytes(blended), mime="image/png", on_click="ignore",
-                          file_name=f"secondlook-{spec.key}-{target}-{method.lower().replace('+', 'plus')}.png",
-                          key=f"cam_download_{prefix}")
-    if float(heatmap.max()) <= 0.0:
-        st.info(f"{method} finds no region that raises the score of '{target}' in this image.")
+    region = locate(heatmap) if region_style != "off" else None
+    if region is not None:
+        blended = draw_region(blended, region, region_style)
+    left_title = "As read" if rgb is analysis.rgb else "In the display window"
+    st.plotly_chart(synced_viewer(rgb, blended, left_title, f"{method} for '{target}'"), config=VIEWER_CONFIG,
+                    key=f"viewer_{prefix}")
+    st.caption("Drag to zoom, scroll to zoom, double-click to reset: both panels move together.")
+    if region is not None:
+        st.caption(f"Strongest region: where the heatmap reaches {LOCALISATION_THRESHOLD:.0%} of its maximum, around "
+                   f"its peak ({region.area:.0%} of the image). A weak localisation, not a segmentation.")
+    reading = st.empty()  # the faithfulness line, filled below once the downloads are on screen
     st.caption(
         f"Heatmaps are coarse ({spec.cam_layer} gives a 7 x 7 grid, smoothed to the image) and normalised per "
         "image: red marks where this image's evidence is strongest, not how strong it is. "
         "They show what drove the model, not where disease is."
     )
+    stem = f"secondlook-{spec.key}-{target}-{method.lower().replace('+', 'plus')}"
+    col_png, col_pdf = st.columns(2)
+    col_png.download_button("Download the overlay (PNG)", data=png_bytes(blended), mime="image/png", on_click="ignore",
+                            file_name=f"{stem}.png", key=f"cam_download_{prefix}")
+    # The PDF is made when the reader clicks (on another thread), with whatever was measured by then.
+    col_pdf.download_button("Download a one-page report (PDF)", mime="application/pdf", on_click="ignore",
+                            data=partial(report_pdf, classifier, analysis, rgb, blended, cam_key, target),
+                            file_name=f"{stem}-report.pdf", key=f"cam_report_{prefix}")
+    if float(heatmap.max()) <= 0.0:
+        reading.info(f"{method} finds no region that raises the score of '{target}' in this image.")
+        return
+    faith = faithfulness_for(classifier, analysis, cam_key)
+    if faith is not None:
+        reading.markdown(faith.reading(target))
+
+
+def report_pdf(classifier: Classifier, analysis: Analysis, rgb: np.ndarray, blended: np.ndarray,
+               cam_key: tuple[int, str], target: str) -> bytes:
+    """The one-page PDF of what the reader sees (see `core.report`)."""
+    faith = analysis.faithfulness.get(cam_key)
+    return render_pdf(ReportContent(image=rgb, overlay=blended, prediction=analysis.prediction, card=classifier.card,
+                                    upload_hash=analysis.digest, explained=target, method=cam_key[1],
+                                    faithfulness=faith.reading(target) if faith is not None else None,
+                                    notes=report_notes(analysis)))
+
+
+def report_notes(analysis: Analysis) -> tuple[str, ...]:
+    """Extra report lines: the stability check, where it was run."""
+    if analysis.spread is None:
+        return ()
+    spread, index = analysis.spread, analysis.prediction.index
+    label = spread.labels[index]
+    return (f"Stability: {round(spread.agreement(index) * len(spread.views))} of {len(spread.views)} augmented views give "
+            f"the same call; P({label}) {spread.mean[index]:.1%} +- {spread.std[index]:.1%} (SD).",)
 
 
 def viewer_image(spec: TaskSpec, analysis: Analysis, prefix: str) -> np.ndarray:
@@ -207,7 +327,34 @@ def render_task_page(page: str) -> None:
     if result.prediction.flag and not confirm_flagged(spec, result):
         return
     show_prediction(classifier, result.prediction)
+    stability_panel(classifier, result)
     cam_panel(classifier, result)
+    feedback_form(classifier, result)
+
+
+def feedback_form(classifier: Classifier, analysis: Analysis) -> None:
+    """Agree / disagree with an optional class and comment; stored as hashes and words, never the image."""
+    card, prediction = classifier.card, analysis.prediction
+    prefix = f"{classifier.spec.key}_{analysis.digest}"
+    with st.expander("Your read: agree or disagree with the model"):
+        with st.form(f"feedback_{prefix}", clear_on_submit=True):
+            verdict = st.radio("Verdict", VERDICTS, horizontal=True, key=f"fb_verdict_{prefix}")
+            label = st.selectbox("Your class (optional)", ["", *classifier.spec.labels], key=f"fb_label_{prefix}")
+            comment = st.text_area("Comment (optional; no patient names or identifiers)", max_chars=1000,
+                                   key=f"fb_comment_{prefix}")
+            if not st.form_submit_button("Save my read"):
+                return
+        output = "uncertain" if prediction.uncertain else prediction.label
+        try:
+            path = record_feedback(make_feedback(analysis.sha256, card.key, card.version, card.sha256,
+                                                 f"{output} ({float(prediction.probabilities[prediction.index]):.3f})",
+                                                 verdict, label, comment))
+        except (ValueError, OSError) as exc:
+            st.error(f"Your read could not be saved: {exc}")
+            return
+        logger.info("feedback %s on upload %s: %s", card.key, analysis.digest, verdict)
+        st.success(f"Saved: {verdict}. Stored on this server in {path.name} (the image hash, model, verdict and comment; "
+                   "never the image). Export it from the Model cards page.")
 
 
 def confirm_flagged(spec: TaskSpec, analysis: Analysis) -> bool:

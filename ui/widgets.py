@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import cv2
 import numpy as np
 import pandas  # noqa: F401 - see below
@@ -14,8 +16,11 @@ import streamlit as st
 # 'Series'", found by `python -m benchmarks.load`). Importing it here, under the import lock,
 # finishes it before any session can build a figure.
 
+from plotly.subplots import make_subplots
+
 from core.cards import ModelCard
 from core.predict import Prediction
+from core.uncertainty import Spread
 
 # The file behind each page of core.tasks.PAGES (Streamlit discovers them in pages/).
 PAGE_FILES: dict[str, str] = {
@@ -23,6 +28,12 @@ PAGE_FILES: dict[str, str] = {
     "Chest X-ray": "pages/2_Chest_X-ray.py",
     "Lung CT": "pages/3_Lung_CT.py",
 }
+CARDS_PAGE = "pages/4_Model_cards.py"
+BATCH_PAGE = "pages/5_Batch.py"
+OTHER_PAGES: dict[str, str] = {"Model cards": CARDS_PAGE, "Batch": BATCH_PAGE}
+
+# Plotly toolbar for image viewers: wheel zoom on, nothing that talks to a server.
+VIEWER_CONFIG = {"scrollZoom": True, "displaylogo": False, "modeBarButtonsToRemove": ["toImage", "select2d", "lasso2d"]}
 
 DISCLAIMER = (
     "**For research and education only — not for diagnosis.** SecondLook is not a medical device. "
@@ -86,3 +97,90 @@ def card_summary(card: ModelCard) -> None:
         if card.limitations:
             st.markdown("**Known limitations:**\n" + "\n".join(f"- {item}" for item in card.limitations))
         st.caption(f"sha256 {card.sha256}")
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    """uint8 (H, W, 3) -> a data: URI holding a PNG (how plotly shows an image without a pixel list)."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode("ascii")
+
+
+def synced_viewer(left: np.ndarray, right: np.ndarray, left_title: str, right_title: str) -> go.Figure:
+    """Two images side by side whose zoom and pan move together (matched plotly axes).
+
+    Drag to zoom a box, scroll to zoom, double-click to reset; the other panel follows.
+    """
+    height, width = left.shape[:2]
+    figure = make_subplots(rows=1, cols=2, subplot_titles=(left_title, right_title), horizontal_spacing=0.02)
+    figure.add_trace(go.Image(source=png_data_uri(left), name="image"), row=1, col=1)
+    figure.add_trace(go.Image(source=png_data_uri(right), name="overlay"), row=1, col=2)
+    figure.update_xaxes(showticklabels=False, range=[-0.5, width - 0.5])
+    figure.update_yaxes(showticklabels=False, range=[height - 0.5, -0.5], scaleanchor="x")
+    figure.update_layout(xaxis2=dict(matches="x"), yaxis2=dict(matches="y", scaleanchor="x2"), dragmode="zoom",
+                         height=520, margin=dict(l=0, r=0, t=30, b=0), hovermode=False)
+    return figure
+
+
+def spread_chart(spread: Spread, index: int) -> go.Figure:
+    """Box plot of each class's probability over the test-time-augmented views, the original marked."""
+    figure = go.Figure()
+    for i, label in enumerate(spread.labels):
+        figure.add_trace(go.Box(x=spread.views[:, i], name=label, boxpoints="all", jitter=0.3, pointpos=0,
+                                marker_color="#d62728" if i == index else "#7f7f7f", orientation="h",
+                                showlegend=False))
+    figure.add_trace(go.Scatter(x=spread.original, y=list(spread.labels), mode="markers", name="as uploaded",
+                                marker=dict(symbol="diamond", size=11, color="black")))
+    figure.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%", title="calibrated probability per view"),
+                         yaxis=dict(autorange="reversed"), height=80 + 55 * len(spread.labels),
+                         margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=1.15))
+    return figure
+
+
+def roc_figure(curves: dict, threshold_point: tuple[float, float] | None = None) -> go.Figure:
+    """ROC curves from a card (`metrics.curves.roc`), with the operating point if given (fpr, tpr)."""
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#aaaaaa"),
+                                name="chance", hoverinfo="skip"))
+    for label, curve in curves.items():
+        figure.add_trace(go.Scatter(x=curve["fpr"], y=curve["tpr"], mode="lines", customdata=curve["threshold"],
+                                    name=f"{label} (AUC {curve['auc']:.3f})",
+                                    hovertemplate="1 - specificity %{x:.3f}<br>sensitivity %{y:.3f}"
+                                                  "<br>threshold %{customdata:.3f}<extra></extra>"))
+    if threshold_point is not None:
+        figure.add_trace(go.Scatter(x=[threshold_point[0]], y=[threshold_point[1]], mode="markers",
+                                    marker=dict(size=12, symbol="x", color="black"), name="operating threshold"))
+    figure.update_layout(xaxis=dict(title="1 - specificity", range=[0, 1]), yaxis=dict(title="sensitivity", range=[0, 1.02]),
+                         height=380, margin=dict(l=10, r=10, t=30, b=10), legend=dict(x=0.45, y=0.05))
+    return figure
+
+
+def reliability_figure(bins: dict) -> go.Figure:
+    """Reliability diagram from a card (`metrics.curves.reliability`): accuracy against confidence per bin."""
+    edges = bins["edges"]
+    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    shown = [i for i, count in enumerate(bins["count"]) if count]
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#aaaaaa"),
+                                name="perfect calibration", hoverinfo="skip"))
+    figure.add_trace(go.Bar(x=[centres[i] for i in shown], y=[bins["accuracy"][i] for i in shown],
+                            width=(edges[1] - edges[0]) * 0.9, name="accuracy in bin", marker_color="#1f77b4",
+                            customdata=[bins["count"][i] for i in shown],
+                            hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.3f}<br>%{customdata} images<extra></extra>"))
+    figure.add_trace(go.Scatter(x=[bins["confidence"][i] for i in shown], y=[bins["accuracy"][i] for i in shown],
+                                mode="markers", name="mean confidence", marker=dict(color="black")))
+    figure.update_layout(xaxis=dict(title="top-class calibrated probability", range=[0, 1]),
+                         yaxis=dict(title="accuracy", range=[0, 1.02]), height=380,
+                         margin=dict(l=10, r=10, t=30, b=10), legend=dict(x=0.02, y=0.98))
+    return figure
+
+
+def confusion_figure(confusion: dict) -> go.Figure:
+    """Confusion matrix heatmap (rows: true class, columns: decided class), counts and row shares."""
+    matrix = np.asarray(confusion["matrix"], dtype=float)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    text = [[f"{int(matrix[i, j])}<br>{shares[i, j]:.0%}" for j in range(matrix.shape[1])] for i in range(matrix.shape[0])]
+    figure = go.Figure(go.Heatmap(z=shares, x=confusion["labels"], y=confusion["labels"], text=text,
+                                  texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1, showscale=False,
+                                  hovertemplate="true %{y}<br>called %{x}<br>%{text}<extra></extra>"))
+    figure.update_layout(xaxis=dict(title="model's call", side="bottom"), yaxis=dict(title="true class", autorange="reversed"),
+                         height=120 + 60 * len(confusion["labels"]), margin=dict(l=10, r=10, t=30, b=10))
+    return figure

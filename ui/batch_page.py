@@ -1,0 +1,111 @@
+"""The Batch page: many files (or ZIP archives of them) through one model, a row per file, CSV out.
+
+Everything stays in memory; the table and the CSV carry the file names the reader uploaded
+(they chose them), the status, the call and the probabilities, never pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Iterator
+
+import streamlit as st
+
+from core.models import WeightsError
+from core.predict import BATCH_SIZE, is_zip, predict_uploads, result_row, unpack_zip, upload_digest
+from core.tasks import TASKS, TaskSpec
+from ui.cache import get_classifier, keep_uploads_in_memory
+from ui.widgets import disclaimer
+
+logger = logging.getLogger(__name__)
+
+
+def expand(files: list) -> tuple[list[tuple[str, bytes]], list[dict]]:
+    """(name, bytes) of every scan in the uploads, ZIPs unpacked; and a row for each archive that could not be."""
+    scans, refused = [], []
+    for upload in files:
+        data = upload.getvalue()
+        if is_zip(data):
+            try:
+                scans.extend(unpack_zip(upload.name, data))
+            except ValueError as exc:
+                refused.append(result_row(upload.name, status="rejected", reason=str(exc)))
+        else:
+            scans.append((upload.name, data))
+    return scans, refused
+
+
+def table_rows(rows: list[dict], spec: TaskSpec) -> list[dict]:
+    """Flat rows for the table and the CSV: one column per class probability."""
+    flat = []
+    for row in rows:
+        probabilities = row.get("probabilities") or {}
+        out = {"file": row["file"], "status": row["status"], "prediction": row.get("prediction") or "",
+               "uncertain": "" if row.get("uncertain") is None else ("yes" if row["uncertain"] else "no")}
+        out.update({f"p_{label}": (round(probabilities[label], 4) if label in probabilities else None) for label in spec.labels})
+        out["reason"] = row.get("reason") or ""
+        flat.append(out)
+    return flat
+
+
+def rows_csv(rows: list[dict]) -> bytes:
+    """The table as CSV bytes."""
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def run_batch(spec: TaskSpec, scans: list[tuple[str, bytes]]) -> Iterator[dict]:
+    """Result rows in upload order (see `core.predict.predict_uploads`)."""
+    classifier = get_classifier(spec.key)
+    yield from predict_uploads(classifier, scans, BATCH_SIZE)
+
+
+def render_batch_page() -> None:
+    """The whole Batch screen."""
+    st.set_page_config(page_title="Batch - SecondLook", layout="wide")
+    keep_uploads_in_memory()
+    st.title("Batch")
+    disclaimer()
+    keys = sorted(TASKS)
+    key = st.selectbox("Model", keys, format_func=lambda k: f"{TASKS[k].title} ({TASKS[k].page})", key="batch_model")
+    spec = TASKS[key]
+    st.caption(f"Model trained on: {spec.trained_on}.")
+    try:
+        get_classifier(key)
+    except (WeightsError, ValueError) as exc:
+        st.error(f"The model '{spec.title}' cannot be loaded: {exc}")
+        return
+    files = st.file_uploader("Upload scans or ZIP archives of scans (PNG, JPEG, WebP, TIFF, BMP, DICOM)",
+                             accept_multiple_files=True, key="batch_files")
+    if not files:
+        st.info("Upload many files at once, or ZIP archives of them. Nothing you upload is stored.")
+        return
+    signature = (key, tuple(upload_digest(f.getvalue()) for f in files))
+    results = st.session_state.get("batch_results")
+    if results is None or results[0] != signature:
+        if not st.button(f"Analyse {len(files)} upload{'s' if len(files) > 1 else ''} with {spec.title}", key="batch_go"):
+            return
+        scans, rows = expand(files)
+        progress = st.progress(0.0, text=f"0 of {len(scans)} files")
+        for row in run_batch(spec, scans):
+            rows.append(row)
+            done = len(rows)
+            progress.progress(min(done / max(len(scans), 1), 1.0), text=f"{done} of {len(scans)} files")
+        progress.empty()
+        logger.info("batch of %d files through %s", len(rows), key)
+        results = (signature, table_rows(rows, spec))
+        st.session_state["batch_results"] = results
+    rows = results[1]
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "rejected", "error")}
+    uncertain = sum(r["uncertain"] == "yes" for r in rows)
+    st.markdown(f"**{len(rows)} files:** {counts['ok']} analysed ({uncertain} uncertain), {counts['rejected']} refused, "
+                f"{counts['error']} failed.")
+    st.dataframe(rows, hide_index=True)
+    st.download_button("Download the table (CSV)", data=rows_csv(rows), file_name=f"secondlook-batch-{key}.csv",
+                       mime="text/csv", on_click="ignore", key="batch_csv")

@@ -1,0 +1,175 @@
+"""The Model cards page: each bundled model's card, rendered for a person, and the feedback export."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.cards import ModelCard
+from core.feedback import feedback_csv, feedback_path, read_feedback
+from core.models import WeightsError
+from core.tasks import TASKS
+from ui.cache import get_classifier
+from ui.widgets import confusion_figure, disclaimer, reliability_figure, roc_figure
+
+METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1",
+                "roc_auc": "ROC-AUC", "sensitivity": "Sensitivity at the threshold",
+                "specificity": "Specificity at the threshold"}
+APPRAISE_HINT = "python -m core.appraisal --task {key} --data ../shared/data/{key}"
+
+
+def _num(value: object, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def metrics_table(card: ModelCard) -> None:
+    """Headline metrics with their 95% bootstrap intervals, and the per-class table."""
+    m = card.metrics
+    intervals = m.get("intervals")
+    st.markdown(f"**Held-out {m.get('split', 'test')} split, n = {m.get('n', 'n/a')}**")
+    if intervals:
+        rows = [{"metric": label, "estimate": _num(intervals[name]["estimate"]),
+                 "95% interval": f"{_num(intervals[name]['low'])} - {_num(intervals[name]['high'])}"}
+                for name, label in METRIC_NAMES.items() if name in intervals]
+        st.table(rows)
+        st.caption(f"Intervals: {intervals['resamples']} bootstrap resamples of whole {intervals['unit']}s "
+                   f"({intervals['groups']} groups), percentile method.")
+    else:
+        st.table([{"metric": label, "estimate": _num(m.get(name))} for name, label in METRIC_NAMES.items() if name in m])
+        st.caption(f"No intervals in this card yet: `{APPRAISE_HINT.format(key=card.key)}` adds them.")
+    per_class = m.get("per_class", {})
+    if per_class:
+        st.table([{"class": label, "precision": _num(r["precision"]), "recall (sensitivity)": _num(r["recall"]),
+                   "F1": _num(r["f1"]), "images": r["support"]} for label, r in per_class.items()])
+
+
+def curves(card: ModelCard) -> None:
+    """ROC curve, confusion matrix and reliability diagram, side by side where they fit."""
+    m = card.metrics
+    stored = m.get("curves", {})
+    left, right = st.columns(2)
+    if stored.get("roc"):
+        at = m.get("at_threshold", {})
+        point = (1 - at["specificity"], at["sensitivity"]) if at.get("specificity") is not None else None
+        left.markdown("**ROC curve** " + ("(operating threshold marked)" if point else "(one-vs-rest per class)"))
+        left.plotly_chart(roc_figure(stored["roc"], point), key=f"roc_{card.key}")
+    if m.get("confusion_matrix"):
+        right.markdown("**Confusion matrix** (held-out split, at the operating rule)")
+        right.plotly_chart(confusion_figure(m["confusion_matrix"]), key=f"confusion_{card.key}")
+    if stored.get("reliability"):
+        left, right = st.columns(2)
+        left.markdown(f"**Reliability diagram** (ECE {_num(m.get('ece'))}, temperature {card.temperature:.2f})")
+        left.plotly_chart(reliability_figure(stored["reliability"]), key=f"reliability_{card.key}")
+        band = card.indeterminate
+        if band:
+            test = band.get("test", {})
+            right.markdown("**Indeterminate band**")
+            right.markdown(
+                f"The app says *uncertain* instead of a class when {band['rule']}. On the held-out split "
+                f"{_pct(test.get('share_uncertain'))} of images fell inside it; accuracy inside "
+                f"{_pct(test.get('accuracy_inside'))}, outside {_pct(test.get('accuracy_outside'))}."
+            )
+
+
+def _pct(value: object) -> str:
+    return f"{value:.1%}" if isinstance(value, float) else "n/a"
+
+
+def explanations(card: ModelCard) -> None:
+    """Which CAM method is most faithful, and whether the maps pass the randomisation check."""
+    section = card.explanations
+    if not section:
+        st.caption(f"Not measured yet: `{APPRAISE_HINT.format(key=card.key)}`.")
+        return
+    faith = section["faithfulness"]
+    st.markdown(f"**Faithfulness** on {faith['images']} held-out images ({faith['metric']}); higher is more faithful. "
+                f"The app's default method is **{section['default_method']}** ({section['default_rule']}).")
+    st.table([{"method": method, "ROAD mean": f"{v['mean']:+.3f}", "SD": f"{v['sd']:.3f}",
+               "images with a positive score": f"{v['share_positive']:.0%}", "CAM time (ms, median)": f"{v['cam_ms_median']:.0f}"}
+              for method, v in faith["methods"].items()])
+    sanity = section.get("sanity_check")
+    if sanity:
+        st.markdown(f"**Model-randomisation sanity check** (Adebayo et al. 2018) on {sanity['images']} images: "
+                    f"{sanity['measure']}, as layers are randomised from the top. A map that stays similar after "
+                    "the layers are randomised shows the image, not what the model learned.")
+        header = ["method"] + [f"+ {name}" for name in sanity["stages"]] + ["reading"]
+        st.table([dict(zip(header, [method] + [f"{v:.2f}" for v in values] + [randomisation_reading(values[0])]))
+                  for method, values in sanity["methods"].items()])
+    means = [round(v["mean"], 6) for v in faith["methods"].values()]
+    if len(set(means)) < len(means):
+        st.caption("Methods with the same score give the same map here: the CAM layer is average-pooled into one linear "
+                   "layer, so Grad-CAM, HiResCAM and XGradCAM weigh the activations identically.")
+
+
+def randomisation_reading(after_head: float) -> str:
+    """What the first stage of the randomisation check says about a method."""
+    if after_head < 0.8:
+        return "changes once the head is randomised: it reflects what the model learned"
+    return "mostly unchanged without the trained head: it shows image structure as much as the model's evidence"
+
+
+def render_card(card: ModelCard) -> None:
+    """One card, top to bottom."""
+    st.header(card.name)
+    st.caption(f"Version {card.version} - {card.arch}, input {card.input_size} px - {card.weights_format} - "
+               f"sha256 {card.sha256}")
+    st.markdown(f"**Trained on:** {card.data.get('trained_on', 'n/a')}")
+    st.markdown(f"**Source:** {card.data.get('source', 'n/a')}  \n**Licence:** {card.data.get('licence', 'n/a')}")
+    st.markdown(f"**Intended use:** {card.intended_use}")
+    st.subheader("How it was tested")
+    split = card.split
+    st.markdown(f"**Split:** {split.get('method', 'n/a')}. {split.get('images', 'n/a')} images in "
+                f"{split.get('split_groups', 'n/a')} groups; near-duplicate groups across sides: "
+                f"**{split.get('near_duplicate_groups_across_splits', 'n/a')}**.")
+    counts = split.get("counts", {})
+    if counts:
+        st.table([{"side": side, **per_class} for side, per_class in counts.items()])
+    metrics_table(card)
+    if card.threshold is not None:
+        at = card.metrics.get("at_threshold", {})
+        st.markdown(f"**Operating threshold:** {card.positive} at {card.threshold:.3f} ({card.threshold_rule}); on the "
+                    f"held-out split sensitivity {_num(at.get('sensitivity'))}, specificity {_num(at.get('specificity'))}.")
+    else:
+        st.markdown("**Operating rule:** the most probable class (no threshold).")
+    curves(card)
+    st.subheader("Explanations")
+    explanations(card)
+    measured = card.guard.get("measured")
+    if measured:
+        st.subheader("Wrong-input guard")
+        st.markdown("Share of images flagged as not belonging to this model (held-out images):")
+        st.table([{"images": name.replace("_", " "), "flagged": _pct(v.get("flagged")), "n": v.get("n")}
+                  for name, v in measured.items() if isinstance(v, dict) and "flagged" in v])
+    st.subheader("Known limitations")
+    st.markdown("\n".join(f"- {item}" for item in card.limitations) or "None recorded.")
+    training = card.training
+    with st.expander("How it was made"):
+        st.code(training.get("command", "n/a"), language="bash")
+        st.json({k: training.get(k) for k in ("device", "epochs_run", "best_epoch", "seconds", "git_commit",
+                                               "versions", "world_size") if k in training})
+
+
+def feedback_export() -> None:
+    """Download every reader verdict stored on this server."""
+    st.header("Readers' feedback")
+    rows = read_feedback()
+    st.markdown(f"{len(rows)} verdicts stored on this server ({feedback_path().name}): upload hash, model, model output, "
+                "verdict, the reader's class and comment. Never the image.")
+    st.download_button("Download all feedback (CSV)", data=feedback_csv(rows), file_name="secondlook-feedback.csv",
+                       mime="text/csv", on_click="ignore", disabled=not rows, key="feedback_download")
+
+
+def render_cards_page() -> None:
+    """The whole Model cards screen."""
+    st.set_page_config(page_title="Model cards - SecondLook", layout="wide")
+    st.title("Model cards")
+    disclaimer()
+    keys = sorted(TASKS)
+    titles = {key: f"{TASKS[key].title} ({TASKS[key].page})" for key in keys}
+    key = st.selectbox("Model", keys, format_func=titles.get, key="card_model")
+    try:
+        card = get_classifier(key).card
+    except (WeightsError, ValueError) as exc:
+        st.error(f"The model '{TASKS[key].title}' cannot be loaded: {exc}")
+        return
+    render_card(card)
+    feedback_export()
