@@ -8,9 +8,10 @@ PDF backend (standard Helvetica, so the text is plain in the file) and never tou
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 import textwrap
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 
