@@ -173,21 +173,26 @@ def stratified_sample(targets: np.ndarray, count: int, seed: int = 0) -> np.ndar
     return np.asarray(sorted(chosen), dtype=np.int64)
 
 
-def faithfulness(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int]) -> dict:
-    """ROAD score of every CAM method over the same images (each for the class the model decided)."""
-    table = {}
+def faithfulness(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int]) -> tuple[dict, dict]:
+    """ROAD score of every CAM method over the same images (each for the class the model decided).
+
+    Returns:
+        (the table per method, the heatmaps per method in image order).
+    """
+    table, heatmaps = {}, {}
     for method in METHODS:
-        scores, seconds = [], []
+        scores, seconds, heatmaps[method] = [], [], []
         for tensor, index in zip(tensors, classes):
             start = time.perf_counter()
             heatmap = compute_cam(classifier, tensor, index, method)
             seconds.append(time.perf_counter() - start)
+            heatmaps[method].append(heatmap)
             scores.append(road_score(classifier, tensor, heatmap, index).score)
         values = np.asarray(scores)
         table[method] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                          "share_positive": float((values > 0).mean()), "cam_ms_median": float(np.median(seconds) * 1000)}
         logger.info("%s %s ROAD %.3f +- %.3f", classifier.spec.key, method, values.mean(), table[method]["sd"])
-    return table
+    return table, heatmaps
 
 
 def randomisation_stages(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -214,17 +219,21 @@ def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def sanity_check(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int], stages: int = 4,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, originals: dict[str, list[np.ndarray]] | None = None) -> dict:
     """Cascading model randomisation: rank correlation of each method's map with the trained model's.
 
     A faithful method's map should change (correlation falls towards 0) once the layers it
     depends on are randomised; a map that survives randomisation shows image structure, not
     what the model learned.
 
+    Args:
+        originals: The trained model's maps per method for these images, where already computed.
+
     Returns:
         {"stages": [names randomised cumulatively], "methods": {method: [mean |Spearman| per stage]}}.
     """
-    originals = {m: [compute_cam(classifier, t, c, m) for t, c in zip(tensors, classes)] for m in METHODS}
+    if originals is None:
+        originals = {m: [compute_cam(classifier, t, c, m) for t, c in zip(tensors, classes)] for m in METHODS}
     model = copy.deepcopy(classifier.module)
     cascade = randomisation_stages(model)[:stages]
     generator = torch.Generator().manual_seed(seed)
@@ -289,9 +298,10 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
     chosen = stratified_sample(targets, args.faithfulness_images)
     tensors = [model_input(scans[i], spec) for i in chosen]
     classes = [int(predictions[i]) for i in chosen]
-    table = faithfulness(classifier, tensors, classes)
+    table, heatmaps = faithfulness(classifier, tensors, classes)
     sanity_n = min(args.sanity_images, len(tensors))
-    sanity = sanity_check(classifier, tensors[:sanity_n], classes[:sanity_n])
+    sanity = sanity_check(classifier, tensors[:sanity_n], classes[:sanity_n],
+                          originals={m: maps[:sanity_n] for m, maps in heatmaps.items()})
     sections["explanations"] = explanation_summary(table, sanity, len(tensors))
     return sections
 
@@ -326,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         card.indeterminate = sections["indeterminate"]
         card.explanations = sections["explanations"]
         write_card(card, path)
-        print(f"  wrote {path}")
+        print(f"  wrote {path.relative_to(WEIGHTS_DIR.parent) if path.is_relative_to(WEIGHTS_DIR.parent) else path}")
     return 0
 
 

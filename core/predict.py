@@ -178,7 +178,12 @@ def predict_scan(classifier: Classifier, scan: Scan) -> Prediction:
 
 def upload_digest(data: bytes) -> str:
     """Short sha256 of an upload: what logs carry instead of the file or its tags."""
-    return hashlib.sha256(data).hexdigest()[:16]
+    return short_digest(hashlib.sha256(data).hexdigest())
+
+
+def short_digest(sha256_hex: str) -> str:
+    """The short form (16 hex digits) of a full sha256, as `upload_digest` gives it."""
+    return sha256_hex[:16]
 
 
 def result_row(name: str, prediction: Prediction | None = None, status: str = "ok", reason: str | None = None) -> dict:

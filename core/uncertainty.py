@@ -53,6 +53,12 @@ class Spread:
         """Share of views called the same class as `index` (the original decision)."""
         return float((self.decisions == index).mean())
 
+    def summary(self, index: int) -> str:
+        """One sentence: how many views keep the call `index`, and the spread of its probability."""
+        label = self.labels[index]
+        return (f"{round(self.agreement(index) * len(self.views))} of {len(self.views)} augmented views give the same "
+                f"call ({label}); P({label}) over the views {self.mean[index]:.1%} +- {self.std[index]:.1%} (SD).")
+
 
 def augmented_views(scan: Scan, classifier: Classifier, views: int = TTA_VIEWS, seed: int = 0) -> torch.Tensor:
     """Normalised model inputs (V + 1, 3, S, S): the scan as preprocessed, then V augmented views."""

@@ -24,7 +24,7 @@ from core.feedback import VERDICTS, make_feedback, record_feedback
 from core.guard import plane_mismatch
 from core.imaging import CT_WINDOW_PRESETS, Scan
 from core.models import Classifier, WeightsError
-from core.predict import Prediction, predict_tensor, read_upload, upload_digest
+from core.predict import Prediction, predict_tensor, read_upload, short_digest
 from core.preprocess import display_rgb
 from core.report import ReportContent, render_pdf
 from core.tasks import TaskSpec, tasks_for_page
@@ -74,7 +74,8 @@ def _failed(reason: str) -> str:
 
 def analyse(classifier: Classifier, data: bytes, filename: str) -> Analysis | str:
     """Read and predict one upload, once per session; a string is the message for a bad file."""
-    digest = upload_digest(data)
+    sha256 = hashlib.sha256(data).hexdigest()
+    digest = short_digest(sha256)
     store: OrderedDict = st.session_state.setdefault("analyses", OrderedDict())
     key = (digest, classifier.spec.key)
     if key in store:
@@ -91,7 +92,7 @@ def analyse(classifier: Classifier, data: bytes, filename: str) -> Analysis | st
         logger.error("upload %s failed for %s: %s", digest, classifier.spec.key, type(exc).__name__)
         return _failed(f"internal error: {type(exc).__name__}")
     logger.info("upload %s -> %s: %s", digest, classifier.spec.key, prediction.label)
-    analysis = Analysis(digest, hashlib.sha256(data).hexdigest(), scan, tensor, prediction, display_rgb(scan))
+    analysis = Analysis(digest, sha256, scan, tensor, prediction, display_rgb(scan))
     store[key] = analysis
     while len(store) > MAX_ANALYSES:
         store.popitem(last=False)
@@ -150,12 +151,8 @@ def stability_panel(classifier: Classifier, analysis: Analysis) -> None:
             return
         _count("tta_runs")
     spread, index = analysis.spread, analysis.prediction.index
-    label = spread.labels[index]
     agree = spread.agreement(index)
-    st.markdown(
-        f"**Stability:** {round(agree * len(spread.views))} of {len(spread.views)} augmented views give the same call "
-        f"({label}); P({label}) over the views {spread.mean[index]:.1%} +- {spread.std[index]:.1%} (SD)."
-    )
+    st.markdown(f"**Stability:** {spread.summary(index)}")
     st.plotly_chart(spread_chart(spread, index), key=f"spread_{prefix}")
     if agree < 0.8:
         st.warning("The call changes under small changes of the image: treat it as uncertain.")
@@ -265,10 +262,7 @@ def report_notes(analysis: Analysis) -> tuple[str, ...]:
     """Extra report lines: the stability check, where it was run."""
     if analysis.spread is None:
         return ()
-    spread, index = analysis.spread, analysis.prediction.index
-    label = spread.labels[index]
-    return (f"Stability: {round(spread.agreement(index) * len(spread.views))} of {len(spread.views)} augmented views give "
-            f"the same call; P({label}) {spread.mean[index]:.1%} +- {spread.std[index]:.1%} (SD).",)
+    return (f"Stability: {analysis.spread.summary(analysis.prediction.index)}",)
 
 
 def viewer_image(spec: TaskSpec, analysis: Analysis, prefix: str) -> np.ndarray:
