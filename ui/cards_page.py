@@ -31,8 +31,8 @@ def metrics_table(card: ModelCard) -> None:
                  "95% interval": f"{_num(intervals[name]['low'])} - {_num(intervals[name]['high'])}"}
                 for name, label in METRIC_NAMES.items() if name in intervals]
         st.table(rows)
-        st.caption(f"Intervals: {intervals['resamples']} bootstrap resamples of whole {intervals['unit']}s "
-                   f"({intervals['groups']} groups), percentile method.")
+        st.caption(f"Intervals: {intervals['resamples']} bootstrap resamples, percentile method; the unit resampled is "
+                   f"the {intervals['unit']} ({intervals['groups']} groups), so correlated images move together.")
     else:
         st.table([{"metric": label, "estimate": _num(m.get(name))} for name, label in METRIC_NAMES.items() if name in m])
         st.caption(f"No intervals in this card yet: `{APPRAISE_HINT.format(key=card.key)}` adds them.")
@@ -84,14 +84,13 @@ def explanations(card: ModelCard) -> None:
     st.markdown(f"**Faithfulness** on {faith['images']} held-out images ({faith['metric']}); higher is more faithful. "
                 f"The app's default method is **{section['default_method']}** ({section['default_rule']}).")
     st.table([{"method": method, "ROAD mean": f"{v['mean']:+.3f}", "SD": f"{v['sd']:.3f}",
-               "images with a positive score": f"{v['share_positive']:.0%}", "CAM time (ms, median)": f"{v['cam_ms_median']:.0f}"}
-              for method, v in faith["methods"].items()])
+               "images with a positive score": f"{v['share_positive']:.0%}"} for method, v in faith["methods"].items()])
     sanity = section.get("sanity_check")
     if sanity:
         st.markdown(f"**Model-randomisation sanity check** (Adebayo et al. 2018) on {sanity['images']} images: "
                     f"{sanity['measure']}, as layers are randomised from the top. A map that stays similar after "
                     "the layers are randomised shows the image, not what the model learned.")
-        header = ["method"] + [f"+ {name}" for name in sanity["stages"]] + ["reading"]
+        header = ["method"] + [f"through {name}" for name in sanity["stages"]] + ["reading"]
         st.table([dict(zip(header, [method] + [f"{v:.2f}" for v in values] + [randomisation_reading(values[0])]))
                   for method, values in sanity["methods"].items()])
     means = [round(v["mean"], 6) for v in faith["methods"].values()]
