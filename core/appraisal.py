@@ -36,7 +36,7 @@ from core.cards import read_card, write_card
 from core.data import check_labels, group_records, read_records
 from core.evaluate import card_side, compute_metrics, score_records
 from core.explain import METHODS, ROAD_PERCENTILES, compute_cam, road_score
-from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, head_module, load_model
+from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, card_path, head_module, load_model
 from core.predict import decide, decision_margin
 from core.preprocess import model_input
 from core.imaging import Scan
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, values in sections["explanations"]["sanity_check"]["methods"].items():
         print(f"  randomisation {method}: " + " -> ".join(f"{v:.2f}" for v in values))
     if not args.dry_run:
-        path = Path(args.weights).with_suffix(".json") if args.weights else WEIGHTS_DIR / f"{spec.key}.json"
+        path = card_path(spec, args.weights)
         card = read_card(path)
         card.metrics["intervals"] = sections["intervals"]
         card.metrics["curves"] = sections["curves"]

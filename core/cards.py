@@ -45,6 +45,7 @@ class ModelCard:
     guard: dict[str, Any] = field(default_factory=dict)
     indeterminate: dict[str, Any] = field(default_factory=dict)
     explanations: dict[str, Any] = field(default_factory=dict)
+    shortcuts: dict[str, Any] = field(default_factory=dict)
     limitations: list[str] = field(default_factory=list)
     card_version: int = CARD_VERSION
 

@@ -240,6 +240,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def card_path(spec: TaskSpec, weights: Path | None = None) -> Path:
+    """The card beside a weights file (default: the bundled `weights/<key>.json`)."""
+    return Path(weights).with_suffix(".json") if weights is not None else WEIGHTS_DIR / f"{spec.key}.json"
+
+
 def load_model(spec: TaskSpec, weights: Path | None = None, card_path: Path | None = None) -> Classifier:
     """Load a model with its card, refusing any mismatch with the registry.
 

@@ -21,5 +21,8 @@ for task in "${tasks[@]}"; do
     | tee "train/$task.log"
   # intervals, curves, indeterminate band, CAM faithfulness and randomisation check into the card
   python -m core.appraisal --task "$task" --data "$root/$task" 2>&1 | tee "train/$task.appraisal.log"
+  case $task in  # does a chest X-ray model read the lungs or the source?
+    cxr_*) python -m core.shortcuts --task "$task" --data "$root/$task" --write-card 2>&1 | tee "train/$task.shortcuts.log" ;;
+  esac
 done
 # then refit the wrong-input guards on the new features: python -m core.guard --data-root "$root"

@@ -106,6 +106,28 @@ def randomisation_reading(after_head: float) -> str:
     return "mostly unchanged without the trained head: it shows image structure as much as the model's evidence"
 
 
+def shortcut_audit(card: ModelCard) -> None:
+    """What a chest X-ray model scores without its lungs, and with only its lungs (where measured)."""
+    section = card.shortcuts
+    if not section:
+        return
+    st.subheader("Shortcut audit: does it read the lungs?")
+    names = {"original": "images as they are", "lungs_blanked": "lung fields blanked out",
+             "lungs_only": "only the lung fields kept"}
+    st.table([{"test images": names.get(name, name), "accuracy": _num(s["accuracy"]),
+               "balanced accuracy": _num(s["balanced_accuracy"]), "ROC-AUC": _num(s["roc_auc"])}
+              for name, s in section["scores"].items()])
+    blanked = section["scores"]["lungs_blanked"].get("roc_auc")
+    if isinstance(blanked, float) and blanked >= 0.8:
+        st.warning(f"With the lung fields blanked out the model still ranks the classes with ROC-AUC {blanked:.2f}: "
+                   "much of what it uses lies outside the lungs (source, device, markers, body habitus).")
+    cam = section["cam"]
+    if cam.get("mass_in_lungs_mean") is not None:
+        st.markdown(f"{cam['method']} puts {cam['mass_in_lungs_mean']:.0%} of its mass (mean over {cam['images']} "
+                    f"held-out images) inside the lung fields, which cover {section['lung_area_share']:.0%} of the image.")
+    st.caption(f"Lung fields: {section['lung_fields']}. Command: `{section['command']}`.")
+
+
 def render_card(card: ModelCard) -> None:
     """One card, top to bottom."""
     st.header(card.name)
@@ -132,6 +154,7 @@ def render_card(card: ModelCard) -> None:
     curves(card)
     st.subheader("Explanations")
     explanations(card)
+    shortcut_audit(card)
     measured = card.guard.get("measured")
     if measured:
         st.subheader("Wrong-input guard")
