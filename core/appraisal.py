@@ -294,9 +294,8 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
                    "reliability": reliability(targets, probabilities)},
         "indeterminate": indeterminate_band(targets, probabilities, predictions, spec, card.positive, card.threshold),
     }
-    scans = [Scan(pixels=img.astype(np.float32) / 255.0, kind="image") for img in images]
     chosen = stratified_sample(targets, args.faithfulness_images)
-    tensors = [model_input(scans[i], spec) for i in chosen]
+    tensors = [model_input(Scan(pixels=images[i].astype(np.float32) / 255.0, kind="image"), spec) for i in chosen]
     classes = [int(predictions[i]) for i in chosen]
     table, heatmaps = faithfulness(classifier, tensors, classes)
     sanity_n = min(args.sanity_images, len(tensors))

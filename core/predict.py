@@ -274,29 +274,31 @@ def unpack_zip(name: str, data: bytes, max_members: int = MAX_ZIP_MEMBERS,
     import io
     import zipfile
 
+    archive_name = Path(name).name
+    too_big = f"{archive_name} unpacks to more than {max_total // 2**20} MB; split it into smaller archives"
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = [m for m in archive.infolist() if not m.is_dir()
                    and not any(part.startswith((".", "__MACOSX")) for part in Path(m.filename).parts)]
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
-        raise ValueError(f"{Path(name).name} is not a readable ZIP archive ({exc})") from None
+        raise ValueError(f"{archive_name} is not a readable ZIP archive ({exc})") from None
     if len(members) > max_members:
-        raise ValueError(f"{Path(name).name} holds {len(members)} files; at most {max_members} per archive")
+        raise ValueError(f"{archive_name} holds {len(members)} files; at most {max_members} per archive")
     if sum(m.file_size for m in members) > max_total:
-        raise ValueError(f"{Path(name).name} unpacks to more than {max_total // 2**20} MB; split it into smaller archives")
+        raise ValueError(too_big)
     if any(m.flag_bits & 0x1 for m in members):
-        raise ValueError(f"{Path(name).name} is encrypted; upload an archive without a password")
+        raise ValueError(f"{archive_name} is encrypted; upload an archive without a password")
     total = 0
     for member in members:
         try:
             with archive.open(member) as handle:
                 content = handle.read(max_total - total + 1)  # the sizes in the header may lie
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-            raise ValueError(f"{Path(name).name}: {member.filename} cannot be unpacked ({exc})") from None
+            raise ValueError(f"{archive_name}: {member.filename} cannot be unpacked ({exc})") from None
         total += len(content)
         if total > max_total:
-            raise ValueError(f"{Path(name).name} unpacks to more than {max_total // 2**20} MB; split it into smaller archives")
-        yield f"{Path(name).name}/{member.filename}", content
+            raise ValueError(too_big)
+        yield f"{archive_name}/{member.filename}", content
 
 
 def _read_files(paths: Iterable[Path]) -> Iterator[tuple[str, bytes]]:

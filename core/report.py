@@ -21,8 +21,10 @@ from core.predict import Prediction
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-DISCLAIMER = ("For research and education only - not for diagnosis. SecondLook is not a medical device; "
-              "its output must not guide the care of a patient.")
+# The notice on every page of the app and on every report (`ui.widgets.disclaimer` shows it).
+DISCLAIMER_LEAD = "For research and education only - not for diagnosis."
+DISCLAIMER_BODY = "SecondLook is not a medical device. Its output must not guide the care of a patient."
+DISCLAIMER = f"{DISCLAIMER_LEAD} {DISCLAIMER_BODY}"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.appraisal import stratified_sample
 from core.cards import read_card, write_card
 from core.data import check_labels, read_records
 from core.evaluate import card_side, compute_metrics
@@ -97,20 +98,17 @@ def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], c
     targets = np.asarray([spec.label_index(label) for label in labels])
     base = [resize_square(img.astype(np.float32) / 255.0, spec.input_size) for img in images]
     mask = lung_mask(spec.input_size)
-    scores = {}
+    scores, decided = {}, {}
     for name in VARIANTS:
         probabilities = _probabilities(classifier, [variant(p, mask, name) for p in base])
-        predictions = decide(probabilities, spec.labels, card.positive, card.threshold)
-        m = compute_metrics(targets, probabilities, predictions, spec)
+        decided[name] = decide(probabilities, spec.labels, card.positive, card.threshold)
+        m = compute_metrics(targets, probabilities, decided[name], spec)
         scores[name] = {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc")}
         logger.info("%s %s: %s", spec.key, name, scores[name])
-    from core.appraisal import stratified_sample
-
     inside = []
     for i in stratified_sample(targets, cam_images):
         tensor = normalize(torch.from_numpy(base[i])[None, None], spec)
-        decided = int(decide(_probabilities(classifier, [base[i]]), spec.labels, card.positive, card.threshold)[0])
-        heatmap = compute_cam(classifier, tensor, decided, method)
+        heatmap = compute_cam(classifier, tensor, int(decided["original"][i]), method)
         if heatmap.sum() > 0:
             inside.append(float((heatmap * mask).sum() / heatmap.sum()))
     return {

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import streamlit as st
 
 from core.models import WeightsError
-from core.predict import BATCH_SIZE, is_zip, predict_uploads, result_row, unpack_zip, upload_digest
+from core.predict import BATCH_SIZE, is_zip, predict_uploads, result_row, unpack_zip
 from core.tasks import TASKS, TaskSpec
 from ui.cache import get_classifier, keep_uploads_in_memory
 from ui.widgets import disclaimer
@@ -86,7 +86,7 @@ def render_batch_page() -> None:
     if not files:
         st.info("Upload many files at once, or ZIP archives of them. Nothing you upload is stored.")
         return
-    signature = (key, tuple(upload_digest(f.getvalue()) for f in files))
+    signature = (key, tuple(f.file_id for f in files))  # Streamlit's id per uploaded file: no re-hashing per rerun
     results = st.session_state.get("batch_results")
     if results is None or results[0] != signature:
         if not st.button(f"Analyse {len(files)} upload{'s' if len(files) > 1 else ''} with {spec.title}", key="batch_go"):

@@ -42,7 +42,6 @@ UPLOAD_TYPES_HELP = "PNG, JPEG, WebP, TIFF, BMP, or DICOM (.dcm or any file with
 class Analysis:
     """What one session keeps for one (upload, model): never written anywhere."""
 
-    digest: str
     sha256: str
     scan: Scan
     tensor: torch.Tensor
@@ -51,6 +50,11 @@ class Analysis:
     cams: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
     faithfulness: dict[tuple[int, str], Faithfulness] = field(default_factory=dict)
     spread: Spread | None = None
+
+    @property
+    def digest(self) -> str:
+        """The upload's short hash: what logs, keys and the report carry."""
+        return short_digest(self.sha256)
 
 
 def _count(name: str) -> None:
@@ -92,7 +96,7 @@ def analyse(classifier: Classifier, data: bytes, filename: str) -> Analysis | st
         logger.error("upload %s failed for %s: %s", digest, classifier.spec.key, type(exc).__name__)
         return _failed(f"internal error: {type(exc).__name__}")
     logger.info("upload %s -> %s: %s", digest, classifier.spec.key, prediction.label)
-    analysis = Analysis(digest, sha256, scan, tensor, prediction, display_rgb(scan))
+    analysis = Analysis(sha256, scan, tensor, prediction, display_rgb(scan))
     store[key] = analysis
     while len(store) > MAX_ANALYSES:
         store.popitem(last=False)
@@ -220,8 +224,9 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     if region is not None:
         blended = draw_region(blended, region, region_style)
     left_title = "As read" if rgb is analysis.rgb else "In the display window"
-    st.plotly_chart(synced_viewer(rgb, blended, left_title, f"{method} for '{target}'"), config=VIEWER_CONFIG,
-                    key=f"viewer_{prefix}")
+    overlay_png = png_bytes(blended)  # shown in the viewer and offered as the download: encoded once
+    st.plotly_chart(synced_viewer(png_bytes(rgb), overlay_png, rgb.shape[:2], left_title, f"{method} for '{target}'"),
+                    config=VIEWER_CONFIG, key=f"viewer_{prefix}")
     st.caption("Drag to zoom, scroll to zoom, double-click to reset: both panels move together.")
     if region is not None:
         st.caption(f"Strongest region: where the heatmap reaches {LOCALISATION_THRESHOLD:.0%} of its maximum, around "
@@ -234,7 +239,7 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     )
     stem = f"secondlook-{spec.key}-{target}-{method.lower().replace('+', 'plus')}"
     col_png, col_pdf = st.columns(2)
-    col_png.download_button("Download the overlay (PNG)", data=png_bytes(blended), mime="image/png", on_click="ignore",
+    col_png.download_button("Download the overlay (PNG)", data=overlay_png, mime="image/png", on_click="ignore",
                             file_name=f"{stem}.png", key=f"cam_download_{prefix}")
     # The PDF is made when the reader clicks (on another thread), with whatever was measured by then.
     col_pdf.download_button("Download a one-page report (PDF)", mime="application/pdf", on_click="ignore",

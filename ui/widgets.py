@@ -20,6 +20,7 @@ from plotly.subplots import make_subplots
 
 from core.cards import ModelCard
 from core.predict import Prediction
+from core.report import DISCLAIMER_BODY, DISCLAIMER_LEAD
 from core.uncertainty import Spread
 
 # The file behind each page of core.tasks.PAGES (Streamlit discovers them in pages/).
@@ -35,10 +36,7 @@ OTHER_PAGES: dict[str, str] = {"Model cards": CARDS_PAGE, "Batch": BATCH_PAGE}
 # Plotly toolbar for image viewers: wheel zoom on, nothing that talks to a server.
 VIEWER_CONFIG = {"scrollZoom": True, "displaylogo": False, "modeBarButtonsToRemove": ["toImage", "select2d", "lasso2d"]}
 
-DISCLAIMER = (
-    "**For research and education only — not for diagnosis.** SecondLook is not a medical device. "
-    "Its output must not guide the care of a patient."
-)
+DISCLAIMER = f"**{DISCLAIMER_LEAD.replace(' - ', ' — ')}** {DISCLAIMER_BODY}"  # the report's wording, in markdown
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -99,20 +97,21 @@ def card_summary(card: ModelCard) -> None:
         st.caption(f"sha256 {card.sha256}")
 
 
-def png_data_uri(rgb: np.ndarray) -> str:
-    """uint8 (H, W, 3) -> a data: URI holding a PNG (how plotly shows an image without a pixel list)."""
-    return "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode("ascii")
+def png_data_uri(png: bytes) -> str:
+    """PNG bytes -> a data: URI (how plotly shows an image without a pixel list)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def synced_viewer(left: np.ndarray, right: np.ndarray, left_title: str, right_title: str) -> go.Figure:
-    """Two images side by side whose zoom and pan move together (matched plotly axes).
-
-    Drag to zoom a box, scroll to zoom, double-click to reset; the other panel follows.
+def synced_viewer(left_png: bytes, right_png: bytes, size: tuple[int, int], left_title: str,
+                  right_title: str) -> go.Figure:
+    """Two images (PNG bytes, both `size` = (height, width)) side by side whose zoom and pan move
+    together (matched plotly axes). Drag to zoom a box, scroll to zoom, double-click to reset;
+    the other panel follows. Taking PNG bytes lets the caller reuse them for a download.
     """
-    height, width = left.shape[:2]
+    height, width = size
     figure = make_subplots(rows=1, cols=2, subplot_titles=(left_title, right_title), horizontal_spacing=0.02)
-    figure.add_trace(go.Image(source=png_data_uri(left), name="image"), row=1, col=1)
-    figure.add_trace(go.Image(source=png_data_uri(right), name="overlay"), row=1, col=2)
+    figure.add_trace(go.Image(source=png_data_uri(left_png), name="image"), row=1, col=1)
+    figure.add_trace(go.Image(source=png_data_uri(right_png), name="overlay"), row=1, col=2)
     figure.update_xaxes(showticklabels=False, range=[-0.5, width - 0.5])
     figure.update_yaxes(showticklabels=False, range=[height - 0.5, -0.5], scaleanchor="x")
     figure.update_layout(xaxis2=dict(matches="x"), yaxis2=dict(matches="y", scaleanchor="x2"), dragmode="zoom",
