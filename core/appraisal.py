@@ -284,7 +284,7 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
     """All new card sections for one model (see the module docstring)."""
     spec, card = classifier.spec, classifier.card
     test_records, images = card_side(classifier, records, "test")
-    targets, probabilities = score_records(classifier, test_records, images=images)
+    targets, probabilities, *_ = score_records(classifier, test_records, images=images)
     predictions = decide(probabilities, spec.labels, card.positive, card.threshold)
     _, groups = group_records(test_records, images)
     sections = {

@@ -24,6 +24,46 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Element-wise sigmoid of logits / temperature (independent findings), float64, same shape."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
+
+
+def output_probabilities(logits: np.ndarray, num_classes: int, temperature: float = 1.0,
+                         finding_temperatures: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Split a network output into class and finding probabilities.
+
+    Args:
+        logits: float (N, C + F): the exclusive classes' logits, then one per finding.
+        num_classes: C.
+        temperature: The classes' temperature.
+        finding_temperatures: One temperature per finding (default all 1).
+
+    Returns:
+        (float64 (N, C) softmax of the class logits / T, rows sum to 1;
+         float64 (N, F) sigmoid of each finding logit / its own T).
+    """
+    logits = np.asarray(logits)
+    findings = logits[:, num_classes:]
+    temps = [1.0] * findings.shape[1] if finding_temperatures is None else list(finding_temperatures)
+    if len(temps) != findings.shape[1]:
+        raise ValueError(f"{len(temps)} finding temperatures for {findings.shape[1]} finding outputs")
+    finding_probs = np.stack([sigmoid(findings[:, j], t) for j, t in enumerate(temps)], axis=1) if temps else \
+        np.zeros((len(logits), 0))
+    return softmax(logits[:, :num_classes], temperature), finding_probs
+
+
+def fit_binary_temperature(logits: np.ndarray, positives: np.ndarray) -> float:
+    """Temperature of one sigmoid output: `fit_temperature` on the equivalent two-logit softmax [0, z]."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if len(z) == 0 or np.all(positives) or not np.any(positives):
+        return 1.0
+    return fit_temperature(np.stack([np.zeros_like(z), z], axis=1), np.asarray(positives, dtype=np.int64))
+
+
 def fit_temperature(logits: np.ndarray, targets: np.ndarray, max_iter: int = 200) -> float:
     """Temperature that minimises the negative log-likelihood (Guo et al. 2017).
 

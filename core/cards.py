@@ -46,6 +46,9 @@ class ModelCard:
     indeterminate: dict[str, Any] = field(default_factory=dict)
     explanations: dict[str, Any] = field(default_factory=dict)
     shortcuts: dict[str, Any] = field(default_factory=dict)
+    # multi-label models: per finding, in registry order: title, temperature, threshold, threshold_rule,
+    # validation and test figures (core.train)
+    findings: dict[str, Any] = field(default_factory=dict)
     limitations: list[str] = field(default_factory=list)
     card_version: int = CARD_VERSION
 
@@ -83,6 +86,11 @@ def check_card(card: ModelCard, spec: TaskSpec) -> list[str]:
         got, want = getattr(card, name), list(getattr(spec, name))
         if len(got) != len(want) or any(abs(a - b) > 1e-6 for a, b in zip(got, want)):
             problems.append(f"{name} is {got}, registry says {want}")
+    if list(card.findings) != list(spec.findings):
+        problems.append(f"findings are {list(card.findings)}, registry says {list(spec.findings)}")
+    for name, finding in card.findings.items():
+        if not finding.get("temperature", 0) > 0 or not 0.0 < finding.get("threshold", -1) < 1.0:
+            problems.append(f"finding {name} needs a positive temperature and a threshold in (0, 1)")
     if not card.temperature > 0:
         problems.append(f"temperature must be positive, got {card.temperature}")
     if card.threshold is not None and not 0.0 < card.threshold < 1.0:

@@ -1,7 +1,7 @@
 """Labelled image folders, near-duplicate groups, group-aware splits, sampling, augmentation.
 
-A data folder holds `manifest.csv` (columns `path,label`, optional `split`, `patient`;
-paths relative to the folder) or one subfolder per class. Images are read with the same
+A data folder holds `manifest.csv` (columns `path,label`, optional `split`, `patient`, and
+one 0/1 column per finding of a multi-label model; paths relative to the folder) or one subfolder per class. Images are read with the same
 `core.imaging.read_scan` the app uses.
 """
 
@@ -33,13 +33,15 @@ SPLITS = ("train", "val", "test")
 @dataclass(frozen=True)
 class Record:
     """One labelled image: absolute path, path relative to the data folder, label, patient,
-    and the manifest's own `split` value where it has one (e.g. an official train/test)."""
+    the manifest's own `split` value where it has one (e.g. an official train/test), and its
+    other manifest columns as (name, value) pairs (finding columns among them)."""
 
     path: Path
     rel: str
     label: str
     patient: str | None = None
     split: str | None = None
+    columns: tuple[tuple[str, str], ...] = ()
 
 
 def read_records(root: Path) -> list[Record]:
@@ -66,10 +68,12 @@ def read_records(root: Path) -> list[Record]:
             columns = set(reader.fieldnames or ())
             if not {"path", "label"} <= columns:
                 raise ValueError(f"{manifest} needs columns path,label; it has {', '.join(sorted(columns))}")
+            extra = sorted(columns - {"path", "label", "patient", "split"})
             for row in reader:
                 patient = (row.get("patient") or "").strip() or None
                 split = (row.get("split") or "").strip() or None
-                records.append(Record(root / row["path"], row["path"], row["label"].strip(), patient, split))
+                values = tuple((name, (row.get(name) or "").strip()) for name in extra)
+                records.append(Record(root / row["path"], row["path"], row["label"].strip(), patient, split, values))
     else:
         suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -88,6 +92,24 @@ def check_labels(records: list[Record], spec: TaskSpec) -> None:
         raise ValueError(
             f"labels {', '.join(map(repr, unknown))} are not classes of {spec.key}; its classes are {', '.join(spec.labels)}"
         )
+
+
+def finding_targets(records: list[Record], spec: TaskSpec) -> np.ndarray:
+    """The 0/1 finding columns of a multi-label model, float32 (N, F); (N, 0) for a model without findings.
+
+    Raises:
+        ValueError: If a finding column is missing or holds anything but 0 or 1.
+    """
+    out = np.zeros((len(records), len(spec.findings)), dtype=np.float32)
+    for i, record in enumerate(records):
+        values = dict(record.columns)
+        for j, name in enumerate(spec.findings):
+            value = values.get(name)
+            if value not in ("0", "1"):
+                where = f"column {name!r} missing" if value is None else f"{name}={value!r}"
+                raise ValueError(f"{record.rel}: {spec.key} needs a 0/1 value for each finding ({where})")
+            out[i, j] = float(value)
+    return out
 
 
 # ---------------------------------------------------------------- near-duplicates
@@ -232,8 +254,12 @@ def group_records(records: list[Record], images: list[np.ndarray]) -> tuple[np.n
     return near_dup, split_groups(records, near_dup)
 
 
+STRATIFY = ("majority", "positive")
+
+
 def stratified_group_split(
-    labels: list[str], groups: np.ndarray, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0
+    labels: list[str], groups: np.ndarray, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0,
+    stratify: str = "majority", positive: str | None = None,
 ) -> np.ndarray:
     """Assign whole groups to train/val/test, stratified by each group's majority label.
 
@@ -243,6 +269,10 @@ def stratified_group_split(
         val_frac: Share of each label's groups (by image count) for validation.
         test_frac: Share for test.
         seed: Shuffle seed.
+        stratify: "majority" (a group counts under its commonest label) or "positive" (a group
+            with any `positive` image counts under `positive`: for patients with a few positive
+            slices among many normal ones, so that each side gets its share of positive patients).
+        positive: The positive label, for stratify="positive".
 
     Returns:
         Array of "train" / "val" / "test", one per record.
@@ -251,8 +281,12 @@ def stratified_group_split(
     for i, g in enumerate(groups):
         members[int(g)].append(i)
     by_label: dict[str, list[int]] = defaultdict(list)
+    if stratify not in STRATIFY or (stratify == "positive" and positive is None):
+        raise ValueError(f"stratify must be one of {STRATIFY} (positive needs a positive label), got {stratify!r}")
     for g, idx in members.items():
         majority = Counter(labels[i] for i in idx).most_common(1)[0][0]
+        if stratify == "positive" and any(labels[i] == positive for i in idx):
+            majority = positive
         by_label[majority].append(g)
     rng = np.random.default_rng(seed)
     assignment = np.empty(len(labels), dtype=object)
@@ -288,6 +322,17 @@ def split_audit(records: list[Record], groups: np.ndarray, near_dup: np.ndarray,
     if patients:
         audit["patients"] = len(patients)
         audit["patients_across_splits"] = sum(len(s) > 1 for s in patients.values())
+        labels_of: dict[str, set[str]] = defaultdict(set)
+        for record in records:
+            if record.patient:
+                labels_of[record.patient].add(record.label)
+        # per side: patients, and patients with at least one image of each label
+        audit["patients_per_split"] = {
+            split: {"patients": sum(split in s for s in patients.values()),
+                    **{f"with {label}": sum(split in patients[p] and label in labels_of[p] for p in patients)
+                       for label in sorted({r.label for r in records})}}
+            for split in SPLITS
+        }
     audit["counts"] = {
         split: dict(sorted(Counter(r.label for r, s in zip(records, splits) if s == split).items())) for split in SPLITS
     }
@@ -295,7 +340,8 @@ def split_audit(records: list[Record], groups: np.ndarray, near_dup: np.ndarray,
 
 
 def carve_split(
-    records: list[Record], images: list[np.ndarray], val_frac: float, test_frac: float, seed: int
+    records: list[Record], images: list[np.ndarray], val_frac: float, test_frac: float, seed: int,
+    stratify: str = "majority", positive: str | None = None,
 ) -> tuple[np.ndarray, dict, str]:
     """The project's split: near-duplicate groups (merged with patients), stratified by group.
 
@@ -305,16 +351,19 @@ def carve_split(
         val_frac: Validation share per class.
         test_frac: Test share per class.
         seed: Shuffle seed.
+        stratify: How a group is counted for stratification (see `stratified_group_split`).
+        positive: The positive label, for stratify="positive".
 
     Returns:
         (side per record, audit dict for the card, one-line description of the method).
     """
     near_dup, groups = group_records(records, images)
-    sides = stratified_group_split([r.label for r in records], groups, val_frac, test_frac, seed)
+    sides = stratified_group_split([r.label for r in records], groups, val_frac, test_frac, seed, stratify, positive)
     audit = split_audit(records, groups, near_dup, sides)
     patients = " merged with patients" if any(r.patient for r in records) else ""
+    counted = f"; a group with any {positive} image counts as {positive}" if stratify == "positive" else ""
     method = (
-        f"stratified group split (seed {seed}; {val_frac:.0%} val, {test_frac:.0%} test by image count per class); "
+        f"stratified group split (seed {seed}; {val_frac:.0%} val, {test_frac:.0%} test by image count per class{counted}); "
         f"groups = near-duplicates (256-bit difference hash, Hamming <= {HASH_THRESHOLD}, mirrored copies included)"
         f"{patients}"
     )
@@ -345,7 +394,7 @@ def recorded_split(
         raise ValueError("the model card does not record its split settings (seed, val_frac, test_frac)") from None
     records = sample_records(records, config.get("limit"), seed)
     images = load_pixels(records, spec)
-    sides, _, _ = carve_split(records, images, val_frac, test_frac, seed)
+    sides, _, _ = carve_split(records, images, val_frac, test_frac, seed, config.get("stratify", "majority"), spec.positive)
     return records, images, sides
 
 
@@ -405,14 +454,20 @@ def augment(pixels: np.ndarray, size: int, rng: np.random.Generator, hflip: bool
 
 
 class ScanDataset(Dataset):
-    """In-memory 8-bit images -> (float tensor (1, S, S) in [0, 1], label index).
+    """In-memory 8-bit images -> (float tensor (1, S, S) in [0, 1], label index, findings (F,)).
 
     Unnormalised on purpose: `core.preprocess.normalize` runs on the batch, on the device.
+    `findings` holds the 0/1 finding targets (N, F) of a multi-label model; without it each
+    item's findings tensor is empty.
     """
 
-    def __init__(self, images: list[np.ndarray], targets: list[int], spec: TaskSpec, train: bool, seed: int = 0):
+    def __init__(self, images: list[np.ndarray], targets: list[int], spec: TaskSpec, train: bool, seed: int = 0,
+                 findings: np.ndarray | None = None):
         self.images = images
         self.targets = targets
+        self.findings = np.zeros((len(images), 0), np.float32) if findings is None else np.asarray(findings, np.float32)
+        if len(self.findings) != len(images):
+            raise ValueError(f"{len(self.findings)} finding rows for {len(images)} images")
         self.spec = spec
         self.train = train
         self.seed = seed
@@ -421,14 +476,14 @@ class ScanDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         pixels = self.images[index].astype(np.float32) / 255.0
         if self.train:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             pixels = augment(pixels, self.spec.input_size, rng, self.spec.hflip)
         else:
             pixels = resize_square(pixels, self.spec.input_size)
-        return torch.from_numpy(np.ascontiguousarray(pixels))[None], self.targets[index]
+        return torch.from_numpy(np.ascontiguousarray(pixels))[None], self.targets[index], torch.from_numpy(self.findings[index])
 
 
 class BalancedSampler(torch.utils.data.Sampler[int]):

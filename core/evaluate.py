@@ -5,8 +5,10 @@ Usage:
     python -m core.evaluate --task cxr_covid --data DIR --json --predictions preds.csv
     python -m core.evaluate --task ct_cancer --data DIR --weights other.safetensors --split test
 
-The folder holds `manifest.csv` (path,label[,split][,patient]) or class subfolders. Every
-image is read with `core.imaging.read_scan` and preprocessed exactly as in the app.
+The folder holds `manifest.csv` (path,label[,split][,patient], and a 0/1 column per finding
+for a multi-label model) or class subfolders. Every image is read with `core.imaging.read_scan`
+and preprocessed exactly as in the app. A multi-label model is scored on its classes and on each
+finding (ROC-AUC, average precision, sensitivity and specificity at the card's threshold).
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from core.calibration import expected_calibration_error, softmax
-from core.data import SPLITS, Record, ScanDataset, check_labels, load_pixels, read_records, recorded_split
+from core.calibration import expected_calibration_error, sensitivity_specificity
+from core.data import SPLITS, Record, ScanDataset, check_labels, finding_targets, load_pixels, read_records, recorded_split
 from core.models import Classifier, WeightsError, load_model
-from core.predict import decide
+from core.predict import card_probabilities, decide
 from core.preprocess import normalize
 from core.tasks import TASKS, TaskSpec, get_task
 
@@ -80,32 +83,80 @@ def compute_metrics(targets: np.ndarray, probabilities: np.ndarray, predictions:
     }
 
 
+def compute_finding_metrics(targets: np.ndarray, probabilities: np.ndarray, thresholds: list[float],
+                            spec: TaskSpec) -> dict:
+    """Per-finding metrics of a multi-label model.
+
+    Args:
+        targets: float or int (N, F) 0/1 truth, one column per finding in registry order.
+        probabilities: float (N, F) calibrated finding probabilities.
+        thresholds: One operating threshold per finding.
+        spec: The model's spec.
+
+    Returns:
+        {finding: {n, positives, roc_auc, average_precision (None where a side has no case),
+        threshold, sensitivity, specificity (None without positives / negatives)}}.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    targets = np.asarray(targets).astype(bool)
+    out = {}
+    for j, name in enumerate(spec.findings):
+        truth, scores = targets[:, j], np.asarray(probabilities)[:, j]
+        both = truth.any() and not truth.all()
+        sens, spec_ = sensitivity_specificity(scores, truth, thresholds[j])
+        out[name] = {
+            "n": int(len(truth)),
+            "positives": int(truth.sum()),
+            "roc_auc": float(roc_auc_score(truth, scores)) if both else None,
+            "average_precision": float(average_precision_score(truth, scores)) if both else None,
+            "threshold": float(thresholds[j]),
+            "sensitivity": None if np.isnan(sens) else sens,
+            "specificity": None if np.isnan(spec_) else spec_,
+        }
+    return out
+
+
 def collect_logits(model: torch.nn.Module, loader: DataLoader, spec: TaskSpec, device: torch.device) -> np.ndarray:
-    """Logits (N, C) of a model over a loader of unnormalised (N, 1, S, S) batches."""
+    """Outputs (N, C + F) of a model over a loader of unnormalised (N, 1, S, S) batches."""
     model.eval()
     outputs = []
     with torch.inference_mode():
-        for images, _ in loader:
+        for images, *_ in loader:
             batch = normalize(images.to(device, non_blocking=True), spec).contiguous(memory_format=torch.channels_last)
             outputs.append(model(batch).float().cpu())
-    return torch.cat(outputs).numpy() if outputs else np.zeros((0, spec.num_classes), dtype=np.float32)
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, spec.num_outputs), dtype=np.float32)
+
+
+class Scores(NamedTuple):
+    """A loaded model's calibrated outputs on labelled records."""
+
+    targets: np.ndarray  # int (N,) true class indices
+    probabilities: np.ndarray  # float64 (N, C) class probabilities
+    finding_targets: np.ndarray  # float32 (N, F) 0/1 truth of the findings (F = 0 without findings)
+    finding_probabilities: np.ndarray  # float64 (N, F)
 
 
 def score_records(
     classifier: Classifier, records: list[Record], batch_size: int = 16, images: list[np.ndarray] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Targets (N,) and calibrated probabilities (N, C) of a loaded model on records.
+) -> Scores:
+    """Targets and calibrated probabilities of a loaded model on records (findings too, where it has any).
 
     `images` may carry the records' pixels already read with `load_pixels`.
+
+    Raises:
+        ValueError: For a label the model does not know, or a missing / invalid finding column.
     """
     spec = classifier.spec
     check_labels(records, spec)
     targets = [spec.label_index(r.label) for r in records]
+    findings = finding_targets(records, spec)
     images = load_pixels(records, spec) if images is None else images
     loader = DataLoader(ScanDataset(images, targets, spec, train=False), batch_size=batch_size)
     with classifier.lock:
         logits = collect_logits(classifier.module, loader, spec, torch.device("cpu"))
-    return np.asarray(targets), softmax(logits, classifier.card.temperature)
+    probabilities, finding_probabilities = card_probabilities(logits, spec, classifier.card)
+    return Scores(np.asarray(targets), probabilities, findings, finding_probabilities)
 
 
 def format_report(metrics: dict, title: str) -> str:
@@ -116,6 +167,10 @@ def format_report(metrics: dict, title: str) -> str:
     lines = [title, f"  images             {metrics['n']}"]
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece"):
         lines.append(f"  {name:<18} {fmt(metrics[name])}")
+    if metrics.get("at_threshold"):
+        at = metrics["at_threshold"]
+        lines.append(f"  at the card's threshold {at['threshold']:.4f}: sensitivity {fmt(at['sensitivity'])}, "
+                     f"specificity {fmt(at['specificity'])}")
     lines.append("  per class           precision  recall  f1      support")
     for label, row in metrics["per_class"].items():
         lines.append(f"    {label:<16}  {row['precision']:.4f}     {row['recall']:.4f}  {row['f1']:.4f}  {row['support']}")
@@ -123,16 +178,24 @@ def format_report(metrics: dict, title: str) -> str:
     lines.append("  confusion matrix (rows: true, columns: predicted): " + ", ".join(cm["labels"]))
     for label, row in zip(cm["labels"], cm["matrix"]):
         lines.append(f"    {label:<16}  " + " ".join(f"{v:>6d}" for v in row))
+    if metrics.get("findings"):
+        lines.append("  findings (independent)  positives  roc_auc  avg_prec  threshold  sensitivity  specificity")
+        for name, row in metrics["findings"].items():
+            lines.append(f"    {name:<20}  {row['positives']:>9d}  {fmt(row['roc_auc']):>7}  {fmt(row['average_precision']):>8}"
+                         f"  {row['threshold']:>9.4f}  {fmt(row['sensitivity']):>11}  {fmt(row['specificity']):>11}")
     return "\n".join(lines)
 
 
-def write_predictions(path: Path, records: list[Record], spec: TaskSpec, probabilities: np.ndarray, predictions: np.ndarray) -> None:
-    """One CSV row per image: path,label,pred,prob_<class>..."""
+def write_predictions(path: Path, records: list[Record], spec: TaskSpec, probabilities: np.ndarray, predictions: np.ndarray,
+                      finding_probabilities: np.ndarray | None = None) -> None:
+    """One CSV row per image: path,label,pred,prob_<class>...[,prob_<finding>...]"""
+    if finding_probabilities is None:
+        finding_probabilities = np.zeros((len(records), 0))
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "pred"] + [f"prob_{label}" for label in spec.labels])
-        for record, probs, pred in zip(records, probabilities, predictions):
-            writer.writerow([record.rel, record.label, spec.labels[pred]] + [f"{p:.6f}" for p in probs])
+        writer.writerow(["path", "label", "pred"] + [f"prob_{key}" for key in spec.labels + spec.findings[:finding_probabilities.shape[1]]])
+        for record, probs, pred, finding in zip(records, probabilities, predictions, finding_probabilities):
+            writer.writerow([record.rel, record.label, spec.labels[pred]] + [f"{p:.6f}" for p in (*probs, *finding)])
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -179,13 +242,21 @@ def main(argv: list[str] | None = None) -> int:
         images = None
         if args.card_split:
             records, images = card_side(classifier, records, args.card_split)
-        targets, probabilities = score_records(classifier, records, args.batch_size, images)
+        scores = score_records(classifier, records, args.batch_size, images)
     except (ValueError, WeightsError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    predictions = decide(probabilities, spec.labels, classifier.card.positive, classifier.card.threshold)
-    metrics = compute_metrics(targets, probabilities, predictions, spec)
+    card = classifier.card
+    predictions = decide(scores.probabilities, spec.labels, card.positive, card.threshold)
+    metrics = compute_metrics(scores.targets, scores.probabilities, predictions, spec)
+    if card.threshold is not None:
+        pos = spec.label_index(card.positive)
+        sens, spec_ = sensitivity_specificity(scores.probabilities[:, pos], scores.targets == pos, card.threshold)
+        metrics["at_threshold"] = {"threshold": card.threshold, "sensitivity": sens, "specificity": spec_}
+    if spec.findings:
+        thresholds = [float(card.findings[name]["threshold"]) for name in spec.findings]
+        metrics["findings"] = compute_finding_metrics(scores.finding_targets, scores.finding_probabilities, thresholds, spec)
     if args.predictions:
-        write_predictions(args.predictions, records, spec, probabilities, predictions)
+        write_predictions(args.predictions, records, spec, scores.probabilities, predictions, scores.finding_probabilities)
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from core.models import Classifier, resolve_layer
+from core.predict import card_probabilities
 from core.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def compute_cam(classifier: Classifier, tensor: torch.Tensor, class_index: int, 
     Args:
         classifier: A loaded model.
         tensor: Normalised model input, float32 (1, 3, S, S).
-        class_index: Output class to explain (0 <= index < number of classes).
+        class_index: Output to explain: a class, or a finding of a multi-label model
+            (0 <= index < `spec.num_outputs`; findings follow the classes).
         method: One of `METHODS`.
 
     Returns:
@@ -66,10 +68,10 @@ def compute_cam(classifier: Classifier, tensor: torch.Tensor, class_index: int, 
 
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; one of {', '.join(METHODS)}")
-    n_classes = classifier.spec.num_classes
+    n_outputs = classifier.spec.num_outputs
     # BaseCAM.__exit__ swallows IndexError, so an out-of-range class must be caught here.
-    if isinstance(class_index, bool) or not isinstance(class_index, (int, np.integer)) or not 0 <= class_index < n_classes:
-        raise ValueError(f"class index {class_index!r} out of range for {classifier.spec.key} ({n_classes} classes)")
+    if isinstance(class_index, bool) or not isinstance(class_index, (int, np.integer)) or not 0 <= class_index < n_outputs:
+        raise ValueError(f"output index {class_index!r} out of range for {classifier.spec.key} ({n_outputs} outputs)")
     size = classifier.spec.input_size
     if tuple(tensor.shape) != (1, 3, size, size):
         raise ValueError(f"tensor must be (1, 3, {size}, {size}), got {tuple(tensor.shape)}")
@@ -209,7 +211,7 @@ def road_score(classifier: Classifier, tensor: torch.Tensor, heatmap: np.ndarray
         classifier: A loaded model.
         tensor: Normalised model input (1, 3, S, S).
         heatmap: float (S, S) in [0, 1], as from `compute_cam`.
-        class_index: The class the heatmap explains.
+        class_index: The output (class or finding) the heatmap explains.
         percentiles: Shares of pixels removed.
         seed: Seed of the tie-breaking and imputation noise (the score is reproducible).
 
@@ -217,8 +219,8 @@ def road_score(classifier: Classifier, tensor: torch.Tensor, heatmap: np.ndarray
         ValueError: On a class index out of range or a heatmap of the wrong shape.
     """
     spec = classifier.spec
-    if isinstance(class_index, bool) or not 0 <= int(class_index) < spec.num_classes:
-        raise ValueError(f"class index {class_index!r} out of range for {spec.key}")
+    if isinstance(class_index, bool) or not 0 <= int(class_index) < spec.num_outputs:
+        raise ValueError(f"output index {class_index!r} out of range for {spec.key}")
     size = tensor.shape[-1]
     if np.shape(heatmap) != (size, size):
         raise ValueError(f"heatmap must be ({size}, {size}), got {np.shape(heatmap)}")
@@ -235,7 +237,8 @@ def road_score(classifier: Classifier, tensor: torch.Tensor, heatmap: np.ndarray
         perturbed.append(impute(tensor, rank >= size * size - count, spec, rng))  # least relevant first
     with classifier.lock, torch.inference_mode():
         logits = classifier.module(torch.cat(perturbed).contiguous(memory_format=torch.channels_last))
-    probability = torch.softmax(logits.float() / classifier.card.temperature, dim=1)[:, int(class_index)].cpu().numpy().astype(np.float64)
+    classes, findings = card_probabilities(logits.float().cpu().numpy(), spec, classifier.card)
+    probability = np.concatenate([classes, findings], axis=1)[:, int(class_index)]
     morf = float(np.mean(probability[0] - probability[1::2]))
     lerf = float(np.mean(probability[0] - probability[2::2]))
     return Faithfulness(score=(morf - lerf) / 2.0, most_relevant_drop=morf, least_relevant_drop=lerf,

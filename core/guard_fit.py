@@ -43,7 +43,7 @@ def features_of(classifier: Classifier, images: list[np.ndarray], batch_size: in
     """Pooled penultimate features (N, D) of 8-bit model pixels, exactly as at inference."""
     spec = classifier.spec
     loader = DataLoader(ScanDataset(images, [0] * len(images), spec, train=False), batch_size=batch_size)
-    rows = [forward(classifier, normalize(batch, spec))[1] for batch, _ in loader]
+    rows = [forward(classifier, normalize(batch, spec))[1] for batch, *_ in loader]
     return np.concatenate(rows) if rows else np.zeros((0, 1), dtype=np.float32)
 
 

@@ -49,7 +49,7 @@ class Classifier:
 
 
 def build_model(spec: TaskSpec, pretrained: str | None = None, arch: str | None = None) -> nn.Module:
-    """Create the network for a spec, with a fresh head of `spec.num_classes` outputs.
+    """Create the network for a spec, with a fresh head of `spec.num_outputs` outputs (classes, then findings).
 
     Args:
         spec: The model's spec.
@@ -67,7 +67,7 @@ def build_model(spec: TaskSpec, pretrained: str | None = None, arch: str | None 
     arch = arch or spec.arch
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
-    n = spec.num_classes
+    n = spec.num_outputs
     hub = pretrained == "hub"
     if arch in ("mobilenet_v2", "squeezenet1_1"):
         import torchvision

@@ -4,7 +4,8 @@ Usage:
     python -m core.predict --task brain_mri scan1.png scan2.dcm
 
 prints one JSON object per file and line: file, status (ok / rejected / error), reason,
-prediction, probabilities, uncertain. It never stops on a bad file; the exit code is 0 unless the
+prediction, probabilities, uncertain, and for a multi-label model findings (the probability of
+each finding) and present (the findings at or above their card thresholds). It never stops on a bad file; the exit code is 0 unless the
 command line itself is wrong.
 """
 
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.calibration import softmax
+from core.calibration import output_probabilities
+from core.cards import ModelCard
 from core.imaging import MAX_UPLOAD_BYTES, Scan, ScanError, read_scan
 from core.guard import check_tags, explain_flag
 from core.models import Classifier, WeightsError, head_module, load_model
@@ -30,6 +32,28 @@ from core.preprocess import model_input
 from core.tasks import TASKS, TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One independent finding of a multi-label model, for one scan.
+
+    Attributes:
+        key: The finding's key (a manifest column).
+        title: Its human name.
+        probability: Calibrated probability (sigmoid of its logit / its temperature).
+        threshold: The card's operating threshold for it, chosen on validation.
+    """
+
+    key: str
+    title: str
+    probability: float
+    threshold: float
+
+    @property
+    def present(self) -> bool:
+        """At or above its threshold."""
+        return self.probability >= self.threshold
 
 
 @dataclass(frozen=True)
@@ -44,6 +68,7 @@ class Prediction:
         positive: The thresholded class, where the model has one.
         flag: Why the wrong-input guard thinks the scan does not belong to this model, or None.
         margin: Half-width of the card's indeterminate band, or None where the card has none.
+        findings: The independent findings of a multi-label model (empty for other models).
     """
 
     labels: tuple[str, ...]
@@ -53,6 +78,7 @@ class Prediction:
     positive: str | None = None
     flag: str | None = None
     margin: float | None = None
+    findings: tuple[Finding, ...] = ()
 
     @property
     def label(self) -> str:
@@ -113,8 +139,14 @@ def decide(probabilities: np.ndarray, labels: tuple[str, ...], positive: str | N
     return decided.astype(np.int64)
 
 
+def card_probabilities(logits: np.ndarray, spec: TaskSpec, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated class probabilities (N, C) and finding probabilities (N, F) of network outputs, per the card."""
+    temperatures = [float(card.findings[name]["temperature"]) for name in spec.findings]
+    return output_probabilities(logits, spec.num_classes, card.temperature, temperatures)
+
+
 def forward(classifier: Classifier, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and pooled penultimate features (N, D) in one pass, under the model's lock."""
+    """Network outputs (N, C + F) and pooled penultimate features (N, D) in one pass, under the model's lock."""
     captured: list[torch.Tensor] = []
 
     def keep_input(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -146,7 +178,7 @@ def predict_batch(classifier: Classifier, batch: torch.Tensor, scans: Sequence[S
     """
     logits, features = forward(classifier, batch.contiguous(memory_format=torch.channels_last))
     card, spec = classifier.card, classifier.spec
-    probs = softmax(logits, card.temperature)
+    probs, finding_probs = card_probabilities(logits, spec, card)
     decided = decide(probs, spec.labels, card.positive, card.threshold)
     belonging = classifier.guard.belonging(features) if classifier.guard is not None else None
     scans = list(scans) if scans is not None else [None] * len(probs)
@@ -155,8 +187,10 @@ def predict_batch(classifier: Classifier, batch: torch.Tensor, scans: Sequence[S
         flag = check_tags(scan, spec) if scan is not None else None
         if flag is None and belonging is not None and belonging[row] < classifier.guard.threshold:
             flag = explain_flag(spec, float(belonging[row]))
+        findings = tuple(Finding(name, spec.output_title(name), float(finding_probs[row, j]),
+                                 float(card.findings[name]["threshold"])) for j, name in enumerate(spec.findings))
         predictions.append(Prediction(spec.labels, probs[row], int(decided[row]), card.threshold, card.positive, flag,
-                                      card.indeterminate.get("margin")))
+                                      card.indeterminate.get("margin"), findings))
     return predictions
 
 
@@ -187,7 +221,9 @@ def short_digest(sha256_hex: str) -> str:
 
 
 def result_row(name: str, prediction: Prediction | None = None, status: str = "ok", reason: str | None = None) -> dict:
-    """One output row: file, status (ok / rejected / error), reason, prediction, probabilities, uncertain.
+    """One output row: file, status (ok / rejected / error), reason, prediction, probabilities, uncertain,
+    and where the model has findings, `findings` ({key: probability}) and `present` (keys at or above
+    their thresholds).
 
     `uncertain` is True when an ok prediction falls inside the card's indeterminate band
     (the reason then says so), False outside it, None when there is no prediction.
@@ -198,6 +234,9 @@ def result_row(name: str, prediction: Prediction | None = None, status: str = "o
         row.update(status="rejected", reason=f"Not classified: {prediction.flag}.")
     elif prediction is not None:
         row.update(prediction=prediction.label, probabilities=prediction.as_dict(), uncertain=prediction.uncertain)
+        if prediction.findings:
+            row.update(findings={f.key: f.probability for f in prediction.findings},
+                       present=[f.key for f in prediction.findings if f.present])
         if prediction.uncertain:
             row.update(reason=f"uncertain: inside the indeterminate band (+-{prediction.margin:.2f}) "
                                               f"around the decision; the likelier call is {prediction.label}")

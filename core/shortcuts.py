@@ -35,8 +35,7 @@ from core.data import check_labels, read_records
 from core.evaluate import card_side, compute_metrics
 from core.explain import DEFAULT_METHOD, METHODS, compute_cam
 from core.models import Classifier, WeightsError, card_path, load_model
-from core.predict import decide, forward
-from core.calibration import softmax
+from core.predict import card_probabilities, decide, forward
 from core.preprocess import normalize, resize_square
 from core.tasks import TASKS, get_task
 
@@ -73,7 +72,7 @@ def _probabilities(classifier: Classifier, batch_pixels: list[np.ndarray], batch
     for start in range(0, len(batch_pixels), batch_size):
         chunk = torch.from_numpy(np.stack(batch_pixels[start:start + batch_size]))[:, None]
         logits, _ = forward(classifier, normalize(chunk, spec).contiguous(memory_format=torch.channels_last))
-        out.append(softmax(logits, classifier.card.temperature))
+        out.append(card_probabilities(logits, spec, classifier.card)[0])
     return np.concatenate(out) if out else np.zeros((0, spec.num_classes))
 
 

@@ -14,6 +14,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # (centre, width) in Hounsfield units.
 LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
 MEDIASTINUM_WINDOW: tuple[float, float] = (40.0, 350.0)
+BRAIN_WINDOW: tuple[float, float] = (40.0, 80.0)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class TaskSpec:
         hflip: Whether a horizontal mirror is a label-preserving augmentation.
         plane: The slice plane of the training images ("axial", "coronal", "sagittal"), where
             they all share one; a DICOM slice in another plane gets a warning.
+        findings: Independent findings (multi-label outputs), each a 0/1 manifest column of that
+            name. The network has `num_outputs` logits: first the exclusive classes (one softmax),
+            then one logit per finding (its own sigmoid), so several findings can be present at once.
+        finding_titles: Human names of the findings, in the same order.
     """
 
     key: str
@@ -64,11 +69,45 @@ class TaskSpec:
     ct_window: tuple[float, float] | None = None
     hflip: bool = True
     plane: str | None = None
+    findings: tuple[str, ...] = ()
+    finding_titles: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.finding_titles) != len(self.findings):
+            raise ValueError(f"{self.key}: one title per finding needed")
+        if set(self.findings) & set(self.labels):
+            raise ValueError(f"{self.key}: a finding may not share a name with a class")
 
     @property
     def num_classes(self) -> int:
-        """Number of output classes."""
+        """Number of exclusive classes (the softmax part of the output)."""
         return len(self.labels)
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of network outputs: the classes, then one per finding."""
+        return len(self.labels) + len(self.findings)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Every output's key in logit order: the classes, then the findings."""
+        return self.labels + self.findings
+
+    def output_title(self, key: str) -> str:
+        """Human name of an output (a class key as it is, a finding by its title)."""
+        if key in self.findings:
+            return self.finding_titles[self.findings.index(key)]
+        return key
+
+    def output_index(self, key: str) -> int:
+        """Index of a class or finding key in the network output.
+
+        Raises:
+            ValueError: If the key is neither.
+        """
+        if key not in self.outputs:
+            raise ValueError(f"unknown output {key!r} for {self.key}; one of {', '.join(self.outputs)}")
+        return self.outputs.index(key)
 
     def label_index(self, label: str) -> int:
         """Index of a class key in the model output.
@@ -187,10 +226,34 @@ TASKS: dict[str, TaskSpec] = {
             ),
             **_MOBILENET,
         ),
+        TaskSpec(
+            key="head_ct",
+            title="Head CT: intracranial hemorrhage and its subtypes",
+            page="Head CT",
+            labels=("normal", "hemorrhage"),
+            positive="hemorrhage",
+            findings=("ivh", "iph", "sah", "edh", "sdh", "fracture"),
+            finding_titles=("intraventricular", "intraparenchymal", "subarachnoid", "epidural", "subdural",
+                            "skull fracture"),
+            data_folder="head_ct",
+            modalities=("CT",),
+            trained_on="Axial non-contrast head CT slices of traumatic brain injury, brain window (CT-ICH, 82 patients)",
+            ct_window=BRAIN_WINDOW,
+            plane="axial",
+            source="CT-ICH (Hssayeni et al. 2020, PhysioNet): head CT of traumatic brain injury, Iraq",
+            licence="CC BY 4.0 (PhysioNet)",
+            limitations=(
+                "Few patients (66 here) and few positive slices (259); every figure has a wide interval.",
+                "Traumatic brain injury only: no spontaneous (stroke) hemorrhage and no ischemic stroke in the data.",
+                "Single 2-D slices, not a volume: the page reads one slice at a time.",
+                "Subtype outputs rest on a handful of patients each (subarachnoid and intraventricular on very few).",
+            ),
+            **_MOBILENET,
+        ),
     )
 }
 
-PAGES: tuple[str, ...] = ("Brain MRI", "Chest X-ray", "Lung CT")
+PAGES: tuple[str, ...] = ("Brain MRI", "Chest X-ray", "Lung CT", "Head CT")
 
 
 def get_task(key: str) -> TaskSpec:

@@ -27,6 +27,11 @@ Steps: read the folder -> near-duplicate (and patient) groups -> stratified grou
 train/val/test -> class-balanced sampling with augmentation -> stage 1 (head only) ->
 stage 2 (last blocks unfrozen) with early stopping on validation -> save -> reload the saved
 file -> temperature and threshold fitted on validation -> metrics on the test split -> card.
+
+Multi-label models (a spec with `findings`): the loss is cross-entropy on the exclusive classes
+plus binary cross-entropy on each finding, weighted by `pos_weight` = negatives / positives of
+that finding under the class-balanced draw (at most 20), so rare findings are not drowned out;
+each finding gets its own temperature and validation threshold (Youden's J), and test figures.
 """
 
 from __future__ import annotations
@@ -50,20 +55,29 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from core.calibration import choose_threshold, fit_temperature, sensitivity_specificity, softmax
+from core.calibration import (
+    choose_threshold,
+    fit_binary_temperature,
+    fit_temperature,
+    output_probabilities,
+    sensitivity_specificity,
+    softmax,
+)
 from core.cards import card_from_spec, read_card, write_card
 from core.data import (
     SPLITS,
+    STRATIFY,
     BalancedSampler,
     ScanDataset,
     carve_split,
     check_labels,
+    finding_targets,
     load_pixels,
     read_records,
     recorded_split,
     sample_records,
 )
-from core.evaluate import collect_logits, compute_metrics
+from core.evaluate import collect_logits, compute_finding_metrics, compute_metrics
 from core.models import QUANT_FORMAT, backbone_blocks, build_model, head_parameters, load_module, save_weights, sha256_file
 from core.predict import decide
 from core.preprocess import normalize
@@ -93,6 +107,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patience", type=int, default=4, help="early stopping: epochs without validation gain")
     parser.add_argument("--val-frac", type=float, default=0.15)
     parser.add_argument("--test-frac", type=float, default=0.15)
+    parser.add_argument("--stratify", choices=STRATIFY, default="majority",
+                        help="how a split group counts for stratification: its commonest label, or 'positive' "
+                             "(a group with any image of the positive class counts as positive: patients with a "
+                             "few positive slices)")
     parser.add_argument("--min-sensitivity", type=float, default=None,
                         help="models with a positive class: choose its threshold for this validation sensitivity "
                              "(default: Youden's J)")
@@ -182,6 +200,7 @@ class Split:
     targets: dict[str, list[int]]
     audit: dict
     method: str
+    findings: dict[str, np.ndarray] = field(default_factory=dict)  # side -> (N, F) 0/1 finding targets
 
 
 @dataclass
@@ -206,7 +225,8 @@ def make_split(spec: TaskSpec, args: argparse.Namespace) -> Split:
     check_labels(records, spec)
     logger.info("reading %d images from %s", len(records), args.data)
     images = load_pixels(records, spec)
-    sides, audit, method = carve_split(records, images, args.val_frac, args.test_frac, args.seed)
+    sides, audit, method = carve_split(records, images, args.val_frac, args.test_frac, args.seed, args.stratify,
+                                       spec.positive)
     logger.info("split: %s", audit["counts"])
     return split_from_sides(spec, records, images, sides, audit, method)
 
@@ -214,9 +234,14 @@ def make_split(spec: TaskSpec, args: argparse.Namespace) -> Split:
 def split_from_sides(spec: TaskSpec, records: list, images: list[np.ndarray], sides, audit: dict, method: str) -> Split:
     """Images and targets grouped by side ("train" / "val" / "test", one per record)."""
     split = Split({s: [] for s in SPLITS}, {s: [] for s in SPLITS}, audit, method)
+    findings = finding_targets(records, spec)
     for record, image, side in zip(records, images, sides):
         split.images[side].append(image)
         split.targets[side].append(spec.label_index(record.label))
+    split.findings = {s: findings[np.asarray(sides) == s] for s in SPLITS}
+    if spec.findings:
+        audit["findings"] = {s: {name: int(v) for name, v in zip(spec.findings, split.findings[s].sum(axis=0))}
+                             for s in SPLITS}
     return split
 
 
@@ -225,11 +250,13 @@ def make_loaders(spec: TaskSpec, split: Split, args: argparse.Namespace, runtime
     workers = args.workers if args.workers is not None else (8 if args.device == "cuda" else 0)
     common = dict(batch_size=args.batch_size, num_workers=workers, pin_memory=args.device == "cuda",
                   persistent_workers=workers > 0)
-    train_set = ScanDataset(split.images["train"], split.targets["train"], spec, train=True, seed=args.seed)
+    train_set = ScanDataset(split.images["train"], split.targets["train"], spec, train=True, seed=args.seed,
+                            findings=split.findings.get("train"))
     sampler = BalancedSampler(split.targets["train"], args.seed, runtime.rank, runtime.world_size)
     loaders = {"train": DataLoader(train_set, sampler=sampler, drop_last=True, **common)}
     for side in ("val", "test"):
-        loaders[side] = DataLoader(ScanDataset(split.images[side], split.targets[side], spec, train=False), **common)
+        loaders[side] = DataLoader(ScanDataset(split.images[side], split.targets[side], spec, train=False,
+                                               findings=split.findings.get(side)), **common)
     val = loaders["val"].dataset
     loaders["val_shard"] = DataLoader(Subset(val, range(runtime.rank, len(val), runtime.world_size)), **common)
     return loaders
@@ -264,6 +291,36 @@ def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
                 module.eval()
 
 
+MAX_POS_WEIGHT = 20.0
+
+
+def finding_pos_weight(sampler: BalancedSampler, findings: np.ndarray) -> torch.Tensor:
+    """Per finding, negatives / positives under the sampler's class-balanced draw, clipped to [1, 20]."""
+    weights = sampler.weights.numpy()
+    if findings.shape[1] == 0:
+        return torch.zeros(0)
+    prevalence = (weights[:, None] * findings).sum(axis=0) / weights.sum()
+    ratio = (1.0 - prevalence) / np.clip(prevalence, 1e-6, None)
+    return torch.tensor(np.clip(ratio, 1.0, MAX_POS_WEIGHT), dtype=torch.float32)
+
+
+class OutputLoss(nn.Module):
+    """Cross-entropy on the exclusive classes plus, for multi-label models, weighted BCE on each finding."""
+
+    def __init__(self, num_classes: int, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.classes = nn.CrossEntropyLoss()
+        self.findings = nn.BCEWithLogitsLoss(pos_weight=pos_weight) if pos_weight is not None and len(pos_weight) else None
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor, findings: torch.Tensor) -> torch.Tensor:
+        outputs = outputs.float()
+        loss = self.classes(outputs[:, :self.num_classes], targets)
+        if self.findings is not None:
+            loss = loss + self.findings(outputs[:, self.num_classes:], findings.float())
+        return loss
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, spec: TaskSpec, runtime: Runtime,
                     freeze_bn: bool, desc: str) -> tuple[float, float, float]:
@@ -277,19 +334,22 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     from tqdm import tqdm
 
     set_bn_mode(model, freeze_bn)
-    criterion = nn.CrossEntropyLoss()
+    pos_weight = finding_pos_weight(loader.sampler, loader.dataset.findings) if spec.findings else None
+    criterion = OutputLoss(spec.num_classes, pos_weight.to(runtime.device) if pos_weight is not None else None)
     device = runtime.device
     use_amp = device.type == "cuda"
     total, count = 0.0, 0
     progress = tqdm(loader, desc=desc, mininterval=5, leave=False, file=sys.stderr, disable=None if runtime.main else True)
     waited, started = 0.0, time.perf_counter()
     asked = started
-    for images, targets in progress:
+    for images, targets, findings in progress:
         waited += time.perf_counter() - asked
         batch = normalize(images.to(device, non_blocking=True), spec).contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
+        findings = findings.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = criterion(model(batch), targets)
+            outputs = model(batch)
+        loss = criterion(outputs, targets, findings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -314,11 +374,17 @@ def evaluate(model: nn.Module, loader: DataLoader, spec: TaskSpec, runtime: Runt
     pooled = np.concatenate(all_gather_rows(rows, runtime))
     pooled = pooled[np.argsort(pooled[:, 0], kind="stable")]
     logits = pooled[:, 1:].astype(np.float32)
-    targets = np.asarray(shard.dataset.targets)[pooled[:, 0].astype(int)]
-    probs = softmax(logits)
+    rows = pooled[:, 0].astype(int)
+    targets = np.asarray(shard.dataset.targets)[rows]
+    probs, finding_probs = output_probabilities(logits, spec.num_classes)
     loss = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
     metrics = compute_metrics(targets, probs, probs.argmax(axis=1), spec)
-    return {"loss": loss, "balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"]}
+    result = {"loss": loss, "balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"]}
+    if spec.findings:
+        scored = compute_finding_metrics(shard.dataset.findings[rows], finding_probs, [0.5] * len(spec.findings), spec)
+        aucs = [row["roc_auc"] for row in scored.values() if row["roc_auc"] is not None]
+        result["findings_mean_auc"] = float(np.mean(aucs)) if aucs else None
+    return result
 
 
 def run_stage(model: nn.Module, loaders: dict[str, DataLoader], spec: TaskSpec, args: argparse.Namespace,
@@ -344,6 +410,7 @@ def run_stage(model: nn.Module, loaders: dict[str, DataLoader], spec: TaskSpec, 
         val = evaluate(model, loaders["val_shard"], spec, runtime)
         record = {"stage": stage, "epoch": epoch, "train_loss": round(loss, 4), "val_loss": round(val["loss"], 4),
                   "val_balanced_accuracy": round(val["balanced_accuracy"], 4), "seconds": round(time.time() - start, 1),
+                  **({"val_findings_mean_auc": round(val["findings_mean_auc"], 4)} if val.get("findings_mean_auc") else {}),
                   "train_images_per_s": round(speed, 1), "data_wait_share": round(waiting, 3)}
         history.epochs.append(record)
         logger.info("%s", record)
@@ -363,7 +430,8 @@ def calibrate_and_score(spec: TaskSpec, weights: Path, loaders: dict[str, DataLo
     """Reload the saved file, fit temperature and threshold on val, score the test split."""
     model = load_module(spec, weights, arch=arch)
     device = torch.device("cpu")
-    val_logits = collect_logits(model, loaders["val"], spec, device)
+    val_outputs = collect_logits(model, loaders["val"], spec, device)
+    val_logits = val_outputs[:, :spec.num_classes]
     val_targets = np.asarray(loaders["val"].dataset.targets)
     temperature = fit_temperature(val_logits, val_targets)
     val_probs = softmax(val_logits, temperature)
@@ -380,9 +448,9 @@ def calibrate_and_score(spec: TaskSpec, weights: Path, loaders: dict[str, DataLo
     val_pred = decide(val_probs, spec.labels, spec.positive, result["threshold"])
     validation.update(compute_metrics(val_targets, val_probs, val_pred, spec))
     validation["ece_before_temperature"] = compute_metrics(val_targets, softmax(val_logits), val_pred, spec)["ece"]
-    test_logits = collect_logits(model, loaders["test"], spec, device)
+    test_outputs = collect_logits(model, loaders["test"], spec, device)
     test_targets = np.asarray(loaders["test"].dataset.targets)
-    test_probs = softmax(test_logits, temperature)
+    test_probs = softmax(test_outputs[:, :spec.num_classes], temperature)
     test_pred = decide(test_probs, spec.labels, spec.positive, result["threshold"])
     metrics = compute_metrics(test_targets, test_probs, test_pred, spec)
     if result["threshold"] is not None:
@@ -390,7 +458,26 @@ def calibrate_and_score(spec: TaskSpec, weights: Path, loaders: dict[str, DataLo
         sens, spec_ = sensitivity_specificity(test_probs[:, pos], test_targets == pos, result["threshold"])
         metrics["at_threshold"] = {"sensitivity": sens, "specificity": spec_}
     result.update(metrics=metrics, validation=validation)
+    if spec.findings:
+        result["findings"] = calibrate_findings(spec, val_outputs, loaders["val"].dataset.findings, test_outputs,
+                                                loaders["test"].dataset.findings)
     return result
+
+
+def calibrate_findings(spec: TaskSpec, val_outputs: np.ndarray, val_truth: np.ndarray, test_outputs: np.ndarray,
+                       test_truth: np.ndarray) -> dict:
+    """Per finding: temperature and Youden threshold fitted on validation; validation and test figures."""
+    n = spec.num_classes
+    temperatures = [fit_binary_temperature(val_outputs[:, n + j], val_truth[:, j]) for j in range(len(spec.findings))]
+    _, val_probs = output_probabilities(val_outputs, n, 1.0, temperatures)
+    _, test_probs = output_probabilities(test_outputs, n, 1.0, temperatures)
+    thresholds = [choose_threshold(val_probs[:, j], val_truth[:, j] > 0.5) for j in range(len(spec.findings))]
+    validation = compute_finding_metrics(val_truth, val_probs, thresholds, spec)
+    test = compute_finding_metrics(test_truth, test_probs, thresholds, spec)
+    rule = "maximum Youden's J on validation (0.5 where validation has no positive)"
+    return {name: {"title": spec.output_title(name), "temperature": temperatures[j], "threshold": thresholds[j],
+                   "threshold_rule": rule, "validation": validation[name], "test": test[name]}
+            for j, name in enumerate(spec.findings)}
 
 
 def environment() -> dict:
@@ -471,6 +558,7 @@ def recalibrate(spec: TaskSpec, args: argparse.Namespace, argv: list[str], runti
     card.temperature, card.threshold, card.threshold_rule = scored["temperature"], scored["threshold"], scored["threshold_rule"]
     card.metrics = {"split": "test", **scored["metrics"]}
     card.validation = scored["validation"]
+    card.findings = scored.get("findings", {})
     card.training["calibration"] = {"command": "python -m core.train " + " ".join(shlex.quote(a) for a in argv),
                                     "git_commit": provenance["git_commit"]}
     write_card(card, card_path)
@@ -520,6 +608,7 @@ def train_and_record(args: argparse.Namespace, argv: list[str], runtime: Runtime
         weights_format=f"safetensors, {QUANT_FORMAT} (int8 kernels with fp32 per-output-channel scales)",
         intended_use=INTENDED_USE,
         limitations=list(spec.limitations),
+        findings=scored.get("findings", {}),
     )
     card.arch = arch
     card.sha256 = sha256_file(weights)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from core.calibration import softmax
 from core.data import augment
 from core.imaging import Scan
 from core.models import Classifier
-from core.predict import decide, forward
+from core.predict import card_probabilities, decide, forward
 from core.preprocess import base_pixels, model_pixels, normalize
 
 TTA_VIEWS = 16
@@ -86,6 +85,6 @@ def tta_spread(classifier: Classifier, scan: Scan, views: int = TTA_VIEWS, seed:
     batch = augmented_views(scan, classifier, views, seed)
     logits, _ = forward(classifier, batch.contiguous(memory_format=torch.channels_last))
     card, spec = classifier.card, classifier.spec
-    probabilities = softmax(logits, card.temperature)
+    probabilities = card_probabilities(logits, spec, card)[0]
     decisions = decide(probabilities[1:], spec.labels, card.positive, card.threshold)
     return Spread(spec.labels, probabilities[0], probabilities[1:], decisions)

@@ -44,7 +44,7 @@ def test_cam_layer_resolves_to_a_spatial_block(spec) -> None:
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, spec.input_size, spec.input_size))
     handle.remove()
-    assert out.shape == (1, spec.num_classes)
+    assert out.shape == (1, spec.num_outputs)
     assert len(seen) == 1 and len(seen[0]) == 4 and seen[0][-1] >= 4
 
 

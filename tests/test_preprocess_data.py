@@ -40,8 +40,11 @@ def test_registry_labels_are_the_data_folder_names() -> None:
         "cxr_covid": ("normal", "covid19"),
         "ct_covid": ("covid19", "non_covid"),
         "ct_cancer": ("normal", "benign", "malignant"),
+        "head_ct": ("normal", "hemorrhage"),
     }
     assert {key: spec.labels for key, spec in TASKS.items()} == expected
+    assert TASKS["head_ct"].findings == ("ivh", "iph", "sah", "edh", "sdh", "fracture")
+    assert TASKS["head_ct"].outputs[2:] == TASKS["head_ct"].findings and TASKS["head_ct"].num_outputs == 8
     for spec in TASKS.values():
         assert spec.positive is None or spec.positive in spec.labels
 

@@ -280,7 +280,8 @@ def viewer_image(spec: TaskSpec, analysis: Analysis, prefix: str) -> np.ndarray:
     if scan.values is None or scan.modality != "CT":
         return analysis.rgb
     names = [*CT_WINDOW_PRESETS, "Custom"]
-    default = next((n for n, w in CT_WINDOW_PRESETS.items() if scan.window and np.allclose(w, scan.window)), "Custom")
+    shown_first = [w for w in (spec.ct_window, scan.window) if w is not None]  # the model's window where it is a preset
+    default = next((n for w in shown_first for n, p in CT_WINDOW_PRESETS.items() if np.allclose(p, w)), "Custom")
     col_preset, col_center, col_width = st.columns(3)
     preset = col_preset.selectbox("Display window", names, index=names.index(default), key=f"window_{prefix}")
     center, width = CT_WINDOW_PRESETS.get(preset, scan.window or CT_WINDOW_PRESETS["Lung"])

@@ -28,9 +28,10 @@ PAGE_FILES: dict[str, str] = {
     "Brain MRI": "pages/1_Brain_MRI.py",
     "Chest X-ray": "pages/2_Chest_X-ray.py",
     "Lung CT": "pages/3_Lung_CT.py",
+    "Head CT": "pages/4_Head_CT.py",
 }
-CARDS_PAGE = "pages/4_Model_cards.py"
-BATCH_PAGE = "pages/5_Batch.py"
+CARDS_PAGE = "pages/5_Model_cards.py"
+BATCH_PAGE = "pages/6_Batch.py"
 OTHER_PAGES: dict[str, str] = {"Model cards": CARDS_PAGE, "Batch": BATCH_PAGE}
 
 # Plotly toolbar for image viewers: wheel zoom on, nothing that talks to a server.
