@@ -13,6 +13,8 @@ test side once and adds to the card:
   reliability diagram of the top-class probability;
 - `indeterminate`: the band around the decision where the app says "uncertain", with the
   share of test images inside it and the accuracy inside and outside it;
+- `findings.<finding>.test.intervals` (multi-label models): the same group-bootstrap intervals of
+  each finding's ROC-AUC, sensitivity and specificity at its threshold;
 - `explanations`: ROAD faithfulness of every CAM method on a stratified sample of test
   images (the class the model decided), the most faithful method (the app's default), and a
   cascading model-randomisation sanity check (Adebayo et al. 2018).
@@ -34,7 +36,7 @@ import torch
 
 from core.cards import read_card, write_card
 from core.data import check_labels, group_records, read_records
-from core.evaluate import card_side, compute_metrics, score_records
+from core.evaluate import card_side, compute_finding_metrics, compute_metrics, score_records
 from core.explain import METHODS, ROAD_PERCENTILES, compute_cam, road_score
 from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, card_path, head_module, load_model
 from core.predict import decide, decision_margin
@@ -73,13 +75,8 @@ def bootstrap_intervals(targets: np.ndarray, probabilities: np.ndarray, predicti
     Returns:
         {metric: {"estimate", "low", "high"}, "resamples", "unit", "groups"}.
     """
-    rng = np.random.default_rng(seed)
-    unique, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
-    names = ["accuracy", "balanced_accuracy", "macro_f1", "roc_auc"]
     pos_index = spec.labels.index(positive) if positive else None
-    if pos_index is not None:
-        names += ["sensitivity", "specificity"]
+    names = ["accuracy", "balanced_accuracy", "macro_f1", "roc_auc"] + (["sensitivity", "specificity"] if positive else [])
 
     def measure(index: np.ndarray) -> dict[str, float | None]:
         t, p, d = targets[index], probabilities[index], predictions[index]
@@ -88,7 +85,20 @@ def bootstrap_intervals(targets: np.ndarray, probabilities: np.ndarray, predicti
             values["sensitivity"], values["specificity"] = _binary_scores(t, d, pos_index)
         return values
 
-    estimate = measure(np.arange(len(targets)))
+    return group_bootstrap(measure, names, groups, resamples, seed)
+
+
+def group_bootstrap(measure, names: list[str], groups: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict:
+    """95% percentile intervals of `measure(index) -> {name: value or None}`, resampling whole groups.
+
+    Returns:
+        {name: {"estimate", "low", "high"}, "resamples", "unit", "groups"}; a resample where a
+        metric is undefined (None, e.g. no positive case drawn) is left out of that metric's interval.
+    """
+    rng = np.random.default_rng(seed)
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    estimate = measure(np.arange(len(groups)))
     samples: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(resamples):
         chosen = rng.integers(0, len(members), len(members))
@@ -102,6 +112,24 @@ def bootstrap_intervals(targets: np.ndarray, probabilities: np.ndarray, predicti
         drawn = np.asarray(samples[name])
         low, high = (float(np.percentile(drawn, 2.5)), float(np.percentile(drawn, 97.5))) if len(drawn) else (None, None)
         out[name] = {"estimate": estimate[name], "low": low, "high": high}
+    return out
+
+
+def finding_intervals(truth: np.ndarray, probabilities: np.ndarray, thresholds: list[float], groups: np.ndarray,
+                      spec: TaskSpec, resamples: int = 1000, seed: int = 0) -> dict:
+    """Per finding of a multi-label model: 95% group-bootstrap intervals of ROC-AUC, sensitivity and
+    specificity at its threshold ({finding: intervals as `group_bootstrap` gives them})."""
+    names = ["roc_auc", "sensitivity", "specificity"]
+    out = {}
+    for j, name in enumerate(spec.findings):
+        column = truth[:, j:j + 1], probabilities[:, j:j + 1]
+        single = TaskSpec(**{**spec.__dict__, "findings": (name,), "finding_titles": (spec.output_title(name),)})
+
+        def measure(index: np.ndarray, column=column, single=single, j=j) -> dict:
+            row = compute_finding_metrics(column[0][index], column[1][index], [thresholds[j]], single)[name]
+            return {k: row[k] for k in names}
+
+        out[name] = group_bootstrap(measure, names, groups, resamples, seed)
     return out
 
 
@@ -284,7 +312,7 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
     """All new card sections for one model (see the module docstring)."""
     spec, card = classifier.spec, classifier.card
     test_records, images = card_side(classifier, records, "test")
-    targets, probabilities, *_ = score_records(classifier, test_records, images=images)
+    targets, probabilities, finding_truth, finding_probabilities = score_records(classifier, test_records, images=images)
     predictions = decide(probabilities, spec.labels, card.positive, card.threshold)
     _, groups = group_records(test_records, images)
     sections = {
@@ -302,6 +330,10 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
     sanity = sanity_check(classifier, tensors[:sanity_n], classes[:sanity_n],
                           originals={m: maps[:sanity_n] for m, maps in heatmaps.items()})
     sections["explanations"] = explanation_summary(table, sanity, len(tensors))
+    if spec.findings:
+        thresholds = [float(card.findings[name]["threshold"]) for name in spec.findings]
+        sections["finding_intervals"] = finding_intervals(finding_truth, finding_probabilities, thresholds, groups, spec,
+                                                          args.resamples)
     return sections
 
 
@@ -327,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
           + f"; default {sections['explanations']['default_method']}")
     for method, values in sections["explanations"]["sanity_check"]["methods"].items():
         print(f"  randomisation {method}: " + " -> ".join(f"{v:.2f}" for v in values))
+    for name, found in sections.get("finding_intervals", {}).items():
+        print(f"  finding {name}: " + ", ".join(f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+                                               for k, v in found.items() if isinstance(v, dict) and v.get("low") is not None))
     if not args.dry_run:
         path = card_path(spec, args.weights)
         card = read_card(path)
@@ -334,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         card.metrics["curves"] = sections["curves"]
         card.indeterminate = sections["indeterminate"]
         card.explanations = sections["explanations"]
+        for name, found in sections.get("finding_intervals", {}).items():
+            card.findings[name]["test"]["intervals"] = found
         write_card(card, path)
         print(f"  wrote {path.relative_to(WEIGHTS_DIR.parent) if path.is_relative_to(WEIGHTS_DIR.parent) else path}")
     return 0

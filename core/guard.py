@@ -94,7 +94,7 @@ def check_tags(scan: Scan, spec: TaskSpec) -> str | None:
     if modality and modality not in spec.modalities:
         return f"the DICOM file says its modality is {modality}, but this model is for {'/'.join(spec.modalities)} images"
     body_part = str(scan.info.get("BodyPartExamined", "")).strip().upper()
-    expected = {part for m in spec.modalities for part in BODY_PARTS.get(m, ())}
+    expected = set(spec.body_parts) or {part for m in spec.modalities for part in BODY_PARTS.get(m, ())}
     if body_part and expected and body_part not in expected:
         return f"the DICOM file says the body part is {body_part}, but this model is for {spec.page.lower()} images"
     return None

@@ -48,6 +48,8 @@ class TaskSpec:
             name. The network has `num_outputs` logits: first the exclusive classes (one softmax),
             then one logit per finding (its own sigmoid), so several findings can be present at once.
         finding_titles: Human names of the findings, in the same order.
+        body_parts: DICOM BodyPartExamined values this model is meant for; empty: those usual for
+            its modalities (`core.guard.BODY_PARTS`).
     """
 
     key: str
@@ -71,6 +73,7 @@ class TaskSpec:
     plane: str | None = None
     findings: tuple[str, ...] = ()
     finding_titles: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.finding_titles) != len(self.findings):
@@ -237,6 +240,7 @@ TASKS: dict[str, TaskSpec] = {
                             "skull fracture"),
             data_folder="head_ct",
             modalities=("CT",),
+            body_parts=("HEAD", "BRAIN", "SKULL", "HEADNECK", "NEURO"),
             trained_on="Axial non-contrast head CT slices of traumatic brain injury, brain window (CT-ICH, 82 patients)",
             ct_window=BRAIN_WINDOW,
             plane="axial",

@@ -105,6 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone-lr-scale", type=float, default=0.3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--patience", type=int, default=4, help="early stopping: epochs without validation gain")
+    parser.add_argument("--select", choices=("balanced_accuracy", "auc"), default="balanced_accuracy",
+                        help="validation score that picks the best epoch: balanced accuracy of the argmax, or the "
+                             "ROC-AUC of the positive class (for a thresholded model: its threshold is set afterwards)")
     parser.add_argument("--val-frac", type=float, default=0.15)
     parser.add_argument("--test-frac", type=float, default=0.15)
     parser.add_argument("--stratify", choices=STRATIFY, default="majority",
@@ -363,7 +366,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 
 def evaluate(model: nn.Module, loader: DataLoader, spec: TaskSpec, runtime: Runtime) -> dict:
-    """Validation loss and balanced accuracy (uncalibrated argmax) for model selection.
+    """Validation loss, balanced accuracy (uncalibrated argmax) and ROC-AUC for model selection.
 
     `loader` holds this rank's shard (a Subset); the shards' logits are pooled, so every rank
     computes the same figures on the whole validation side.
@@ -379,7 +382,8 @@ def evaluate(model: nn.Module, loader: DataLoader, spec: TaskSpec, runtime: Runt
     probs, finding_probs = output_probabilities(logits, spec.num_classes)
     loss = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
     metrics = compute_metrics(targets, probs, probs.argmax(axis=1), spec)
-    result = {"loss": loss, "balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"]}
+    result = {"loss": loss, "balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
+              "roc_auc": metrics["roc_auc"]}
     if spec.findings:
         scored = compute_finding_metrics(shard.dataset.findings[rows], finding_probs, [0.5] * len(spec.findings), spec)
         aucs = [row["roc_auc"] for row in scored.values() if row["roc_auc"] is not None]
@@ -389,7 +393,7 @@ def evaluate(model: nn.Module, loader: DataLoader, spec: TaskSpec, runtime: Runt
 
 def run_stage(model: nn.Module, loaders: dict[str, DataLoader], spec: TaskSpec, args: argparse.Namespace,
               runtime: Runtime, history: History, stage: str, epochs: int, unfreeze: int | None, freeze_bn: bool) -> None:
-    """Train for up to `epochs`, keeping the state with the best validation balanced accuracy."""
+    """Train for up to `epochs`, keeping the state with the best validation score (`--select`)."""
     if epochs <= 0:
         return
     groups = set_stage(model, unfreeze, freeze_bn)
@@ -410,11 +414,15 @@ def run_stage(model: nn.Module, loaders: dict[str, DataLoader], spec: TaskSpec, 
         val = evaluate(model, loaders["val_shard"], spec, runtime)
         record = {"stage": stage, "epoch": epoch, "train_loss": round(loss, 4), "val_loss": round(val["loss"], 4),
                   "val_balanced_accuracy": round(val["balanced_accuracy"], 4), "seconds": round(time.time() - start, 1),
+                  **({"val_roc_auc": round(val["roc_auc"], 4)} if val["roc_auc"] is not None else {}),
                   **({"val_findings_mean_auc": round(val["findings_mean_auc"], 4)} if val.get("findings_mean_auc") else {}),
                   "train_images_per_s": round(speed, 1), "data_wait_share": round(waiting, 3)}
         history.epochs.append(record)
         logger.info("%s", record)
-        score = val["balanced_accuracy"] - 1e-3 * val["loss"]
+        if args.select == "auc" and val["roc_auc"] is not None:
+            score = val["roc_auc"] - 1e-3 * val["loss"]
+        else:
+            score = val["balanced_accuracy"] - 1e-3 * val["loss"]
         if score > history.best_score:
             history.best_score, history.best_epoch, stale = score, len(history.epochs), 0
             history.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

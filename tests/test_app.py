@@ -254,3 +254,47 @@ def test_ct_display_window_never_changes_the_model_input_and_planes_are_checked(
     assert at.session_state["forward_passes"] == passes and at.session_state["cam_runs"] == cams
     assert [s.value for s in at.subheader if s.value.startswith("Model output:")] == probabilities
     viewer_sources(at)
+
+
+def _head_ct_dicom(body_part: str = "HEAD") -> bytes:
+    """A head-CT-like slice in HU: skull ring (1000), brain (35), a 70 HU crescent by the skull."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:160, 0:160]
+    r = np.hypot(yy - 80, xx - 80)
+    hu = np.full((160, 160), -1000.0)
+    hu[r < 70] = 1000.0
+    hu[r < 62] = 35.0
+    hu[(r > 54) & (r < 62) & (xx < 70)] = 70.0
+    return make_dicom((hu + 1024).astype(np.int16), extra={"BodyPartExamined": body_part})
+
+
+def test_head_ct_page_shows_each_finding_and_explains_any_output() -> None:
+    at = page("Head CT")
+    upload(at, "IMG0003", _head_ct_dicom(), "application/octet-stream")
+    assert not at.exception, at.exception
+    body = page_texts(at)
+    assert any(s.value.startswith("Model output:") for s in at.subheader)
+    assert "**Findings** (independent outputs" in body
+    spec = tasks_for_page("Head CT")[0]
+    table = at.dataframe[0].value
+    assert list(table["finding"]) == list(spec.finding_titles)
+    assert all(v in ("yes", "no") for v in table["above threshold"])
+    assert len(at.get("plotly_chart")) == 3  # classes, findings, viewer
+    window = next(s for s in at.selectbox if s.label == "Display window")
+    assert window.value == "Brain"  # the model's own window is offered first
+    assert "The model always sees centre / width 40 / 80 HU." in page_texts(at)
+    explain = next(s for s in at.selectbox if s.label == "Explain output")
+    assert explain.options == [spec.output_title(k) for k in spec.outputs]
+    cams = at.session_state["cam_runs"]
+    explain.set_value("sdh").run()
+    assert not at.exception, at.exception
+    assert at.session_state["cam_runs"] == cams + 1 and at.session_state["forward_passes"] == 1
+    assert "for 'subdural'" in str(viewer_figure(at)["layout"])
+
+
+def test_a_chest_ct_dicom_is_flagged_on_the_head_ct_page() -> None:
+    at = page("Head CT")
+    at.file_uploader[0].set_value(("IMG0004", _head_ct_dicom("CHEST"), "application/octet-stream")).run()
+    assert not at.exception
+    assert any("body part is CHEST" in w.value for w in at.warning)

@@ -38,13 +38,18 @@ def expand(files: list) -> tuple[list[tuple[str, bytes]], list[dict]]:
 
 
 def table_rows(rows: list[dict], spec: TaskSpec) -> list[dict]:
-    """Flat rows for the table and the CSV: one column per class probability."""
+    """Flat rows for the table and the CSV: one column per class probability; for a multi-label model
+    also `findings` (those above their thresholds) and one column per finding probability."""
     flat = []
     for row in rows:
         probabilities = row.get("probabilities") or {}
         out = {"file": row["file"], "status": row["status"], "prediction": row.get("prediction") or "",
                "uncertain": "" if row.get("uncertain") is None else ("yes" if row["uncertain"] else "no")}
         out.update({f"p_{label}": (round(probabilities[label], 4) if label in probabilities else None) for label in spec.labels})
+        if spec.findings:
+            findings = row.get("findings") or {}
+            out["findings"] = ", ".join(row.get("present") or [])
+            out.update({f"p_{key}": (round(findings[key], 4) if key in findings else None) for key in spec.findings})
         out["reason"] = row.get("reason") or ""
         flat.append(out)
     return flat

@@ -128,6 +128,32 @@ def shortcut_audit(card: ModelCard) -> None:
     st.caption(f"Lung fields: {section['lung_fields']}. Command: `{section['command']}`.")
 
 
+def _interval(found: dict, name: str) -> str:
+    value = found.get(name, {})
+    if not isinstance(value, dict) or value.get("low") is None:
+        return "n/a"
+    return f"{_num(value['low'])} - {_num(value['high'])}"
+
+
+def findings_table(card: ModelCard) -> None:
+    """A multi-label model's independent findings: threshold and held-out figures with intervals."""
+    if not card.findings:
+        return
+    st.subheader("Findings (independent outputs)")
+    rows = []
+    for finding in card.findings.values():
+        test, found = finding.get("test", {}), finding.get("test", {}).get("intervals", {})
+        rows.append({"finding": finding.get("title"), "threshold": _num(finding.get("threshold")),
+                     "held-out positive slices": test.get("positives"), "ROC-AUC": _num(test.get("roc_auc")),
+                     "95% interval": _interval(found, "roc_auc"), "average precision": _num(test.get("average_precision")),
+                     "sensitivity": _num(test.get("sensitivity")), "95% interval ": _interval(found, "sensitivity"),
+                     "specificity": _num(test.get("specificity"))})
+    st.table(rows)
+    rule = next(iter(card.findings.values())).get("threshold_rule", "")
+    st.caption(f"Each finding has its own sigmoid output, temperature and threshold ({rule}); intervals resample whole "
+               "patients. Where few positive slices stand behind a row, read its figures as anecdotes.")
+
+
 def render_card(card: ModelCard) -> None:
     """One card, top to bottom."""
     st.header(card.name)
@@ -143,7 +169,10 @@ def render_card(card: ModelCard) -> None:
                 f"**{split.get('near_duplicate_groups_across_splits', 'n/a')}**.")
     counts = split.get("counts", {})
     if counts:
-        st.table([{"side": side, **per_class} for side, per_class in counts.items()])
+        patients = split.get("patients_per_split", {})
+        st.table([{"side": side, **{f"{label} images": n for label, n in per_class.items()},
+                   **{f"{k} (patients)" if k == "patients" else f"patients {k}": v
+                      for k, v in patients.get(side, {}).items()}} for side, per_class in counts.items()])
     metrics_table(card)
     if card.threshold is not None:
         at = card.metrics.get("at_threshold", {})
@@ -152,6 +181,7 @@ def render_card(card: ModelCard) -> None:
     else:
         st.markdown("**Operating rule:** the most probable class (no threshold).")
     curves(card)
+    findings_table(card)
     st.subheader("Explanations")
     explanations(card)
     shortcut_audit(card)

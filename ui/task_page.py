@@ -30,7 +30,8 @@ from core.report import ReportContent, render_pdf
 from core.tasks import TaskSpec, tasks_for_page
 from core.uncertainty import TTA_VIEWS, Spread, tta_spread
 from ui.cache import get_classifier, keep_uploads_in_memory
-from ui.widgets import VIEWER_CONFIG, card_summary, disclaimer, png_bytes, probability_chart, spread_chart, synced_viewer
+from ui.widgets import (VIEWER_CONFIG, card_summary, disclaimer, findings_chart, png_bytes, probability_chart,
+                        spread_chart, synced_viewer)
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,28 @@ def show_prediction(classifier: Classifier, prediction: Prediction) -> None:
             f"(operating threshold chosen on validation data{measured})."
         )
     st.plotly_chart(probability_chart(prediction), key=f"probs_{classifier.spec.key}")
+    if prediction.findings:
+        show_findings(classifier, prediction)
+
+
+def show_findings(classifier: Classifier, prediction: Prediction) -> None:
+    """A multi-label model's independent findings: each probability against its own threshold."""
+    present = [f.title for f in prediction.findings if f.present]
+    st.markdown("**Findings** (independent outputs: several can be present at once): "
+                + (", ".join(present) + " above threshold." if present else "none above threshold."))
+    st.plotly_chart(findings_chart(prediction), key=f"findings_{classifier.spec.key}")
+    rows = []
+    for finding in prediction.findings:
+        test = classifier.card.findings.get(finding.key, {}).get("test", {})
+        auc = test.get("roc_auc")
+        rows.append({"finding": finding.title, "probability": f"{finding.probability:.1%}",
+                     "threshold": f"{finding.threshold:.2f}", "above threshold": "yes" if finding.present else "no",
+                     "held-out ROC-AUC": f"{auc:.2f}" if auc is not None else "n/a",
+                     "held-out positive slices": test.get("positives", "n/a")})
+    st.dataframe(rows, hide_index=True)
+    st.caption("Each finding has its own threshold, chosen on validation data. They are read from the same image "
+               "as the main call and are shown whatever it says; few positive cases stand behind some of them "
+               "(see the held-out columns).")
 
 
 def stability_panel(classifier: Classifier, analysis: Analysis) -> None:
@@ -202,7 +225,8 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     spec = classifier.spec
     prefix = f"{spec.key}_{analysis.digest}"
     col_class, col_method, col_map = st.columns(3)
-    target = col_class.selectbox("Explain class", spec.labels, index=analysis.prediction.index, key=f"cam_class_{prefix}")
+    target = col_class.selectbox("Explain output" if spec.findings else "Explain class", spec.outputs,
+                                 index=analysis.prediction.index, format_func=spec.output_title, key=f"cam_class_{prefix}")
     preferred = default_method(classifier)
     method = col_method.selectbox("Method", METHODS, index=METHODS.index(preferred), key=f"cam_method_{prefix}",
                                   help=f"{preferred} is the default: it was the most faithful method for this model "
@@ -214,7 +238,8 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     region_style = col_region.radio("Strongest region", ["off", "outline", "box"], horizontal=True,
                                     key=f"cam_region_{prefix}")
 
-    cam_key = (spec.label_index(target), method)
+    cam_key = (spec.output_index(target), method)
+    target = spec.output_title(target)
     heatmap = heatmap_for(classifier, analysis, cam_key, target)
     if heatmap is None:
         return
@@ -237,7 +262,7 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
         "image: red marks where this image's evidence is strongest, not how strong it is. "
         "They show what drove the model, not where disease is."
     )
-    stem = f"secondlook-{spec.key}-{target}-{method.lower().replace('+', 'plus')}"
+    stem = f"secondlook-{spec.key}-{spec.outputs[cam_key[0]]}-{method.lower().replace('+', 'plus')}"
     col_png, col_pdf = st.columns(2)
     col_png.download_button("Download the overlay (PNG)", data=overlay_png, mime="image/png", on_click="ignore",
                             file_name=f"{stem}.png", key=f"cam_download_{prefix}")
@@ -264,10 +289,15 @@ def report_pdf(classifier: Classifier, analysis: Analysis, rgb: np.ndarray, blen
 
 
 def report_notes(analysis: Analysis) -> tuple[str, ...]:
-    """Extra report lines: the stability check, where it was run."""
-    if analysis.spread is None:
-        return ()
-    return (f"Stability: {analysis.spread.summary(analysis.prediction.index)}",)
+    """Extra report lines: a multi-label model's findings; the stability check, where it was run."""
+    notes = []
+    if analysis.prediction.findings:
+        notes.append("Findings (independent, own thresholds): " + "; ".join(
+            f"{f.title} {f.probability:.0%} ({'above' if f.present else 'below'} {f.threshold:.2f})"
+            for f in analysis.prediction.findings))
+    if analysis.spread is not None:
+        notes.append(f"Stability: {analysis.spread.summary(analysis.prediction.index)}")
+    return tuple(notes)
 
 
 def viewer_image(spec: TaskSpec, analysis: Analysis, prefix: str) -> np.ndarray:

@@ -69,6 +69,22 @@ def probability_chart(prediction: Prediction) -> go.Figure:
     return figure
 
 
+def findings_chart(prediction: Prediction) -> go.Figure:
+    """Horizontal bars of each independent finding's probability, its threshold marked on its own bar."""
+    findings = prediction.findings
+    titles = [f.title for f in findings]
+    values = [f.probability for f in findings]
+    colors = ["#d62728" if f.present else "#7f7f7f" for f in findings]
+    figure = go.Figure(go.Bar(x=values, y=titles, orientation="h", marker_color=colors, name="probability",
+                              text=[f"{v:.1%}" for v in values], textposition="auto"))
+    figure.add_trace(go.Scatter(x=[f.threshold for f in findings], y=titles, mode="markers", name="threshold",
+                                marker=dict(symbol="line-ns-open", size=22, line_width=3, color="black")))
+    figure.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%", title="calibrated probability (| = threshold)"),
+                         yaxis=dict(autorange="reversed"), height=80 + 40 * len(titles), showlegend=False,
+                         margin=dict(l=10, r=10, t=30, b=10))
+    return figure
+
+
 def _fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else "n/a"
 
