@@ -39,10 +39,10 @@ from core.data import check_labels, group_records, read_records
 from core.evaluate import card_side, compute_finding_metrics, compute_metrics, score_records
 from core.explain import METHODS, ROAD_PERCENTILES, compute_cam, road_score
 from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, card_path, head_module, load_model
-from core.predict import decide, decision_margin
+from core.predict import decide, decision_margin, positive_mask, positive_score
 from core.preprocess import model_input
 from core.imaging import Scan
-from core.tasks import TASKS, TaskSpec, get_task
+from core.tasks import TASKS, TaskSpec, get_task, positive_title
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,11 @@ INDETERMINATE_MARGIN = 0.10  # probability units either side of the decision
 # ---------------------------------------------------------------- intervals and curves
 
 
-def _binary_scores(targets: np.ndarray, predictions: np.ndarray, positive: int) -> tuple[float | None, float | None]:
-    is_pos = targets == positive
-    sens = float((predictions[is_pos] == positive).mean()) if is_pos.any() else None
-    spec = float((predictions[~is_pos] != positive).mean()) if (~is_pos).any() else None
+def _binary_scores(targets: np.ndarray, predictions: np.ndarray, members: np.ndarray) -> tuple[float | None, float | None]:
+    """Sensitivity and specificity of calling a positive class (any of `members`, bool (C,))."""
+    is_pos, called = members[targets], members[predictions]
+    sens = float(called[is_pos].mean()) if is_pos.any() else None
+    spec = float((~called[~is_pos]).mean()) if (~is_pos).any() else None
     return sens, spec
 
 
@@ -75,14 +76,14 @@ def bootstrap_intervals(targets: np.ndarray, probabilities: np.ndarray, predicti
     Returns:
         {metric: {"estimate", "low", "high"}, "resamples", "unit", "groups"}.
     """
-    pos_index = spec.labels.index(positive) if positive else None
+    members = positive_mask(spec.labels, positive) if positive else None
     names = ["accuracy", "balanced_accuracy", "macro_f1", "roc_auc"] + (["sensitivity", "specificity"] if positive else [])
 
     def measure(index: np.ndarray) -> dict[str, float | None]:
         t, p, d = targets[index], probabilities[index], predictions[index]
         values = {k: compute_metrics(t, p, d, spec)[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")}
-        if pos_index is not None:
-            values["sensitivity"], values["specificity"] = _binary_scores(t, d, pos_index)
+        if members is not None:
+            values["sensitivity"], values["specificity"] = _binary_scores(t, d, members)
         return values
 
     return group_bootstrap(measure, names, groups, resamples, seed)
@@ -138,17 +139,19 @@ def roc_curves(targets: np.ndarray, probabilities: np.ndarray, spec: TaskSpec, p
     from sklearn.metrics import roc_auc_score, roc_curve
 
     classes = [positive] if positive and spec.num_classes == 2 else list(spec.labels)
+    if positive and "+" in positive:  # a thresholded group: its own curve first
+        classes = [positive, *classes]
     curves = {}
     for label in classes:
-        index = spec.labels.index(label)
-        truth = targets == index
+        truth = positive_mask(spec.labels, label)[targets]
+        score = positive_score(probabilities, spec.labels, label)
         if truth.all() or not truth.any():
             continue
-        fpr, tpr, thresholds = roc_curve(truth, probabilities[:, index], drop_intermediate=True)
+        fpr, tpr, thresholds = roc_curve(truth, score, drop_intermediate=True)
         keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 120)).round().astype(int))
         curves[label] = {"fpr": fpr[keep].round(4).tolist(), "tpr": tpr[keep].round(4).tolist(),
                          "threshold": np.clip(thresholds[keep], 0.0, 1.0).round(4).tolist(),
-                         "auc": float(roc_auc_score(truth, probabilities[:, index]))}
+                         "auc": float(roc_auc_score(truth, score))}
     return curves
 
 
@@ -172,7 +175,7 @@ def indeterminate_band(targets: np.ndarray, probabilities: np.ndarray, predictio
     """The indeterminate band and how the test split falls around it."""
     inside = decision_margin(probabilities, spec.labels, positive, threshold) < margin
     correct = predictions == targets
-    rule = (f"|P({positive}) - {threshold:.3f}| < {margin:.2f}" if positive and threshold is not None
+    rule = (f"|P({positive_title(positive)}) - {threshold:.3f}| < {margin:.2f}" if positive and threshold is not None
             else f"top probability - second probability < {margin:.2f}")
     return {
         "margin": margin,

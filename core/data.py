@@ -532,7 +532,29 @@ def get_args_parser() -> "argparse.ArgumentParser":
                                                     "needed for --split card")
     audit.add_argument("--threshold", type=int, default=HASH_THRESHOLD, help="Hamming distance (of 256 bits)")
     audit.add_argument("--json", action="store_true", help="print one JSON object")
+    window = commands.add_parser("window", help="grey-level facts of a CT folder exported in a window, read back in HU")
+    window.add_argument("--data", required=True, type=Path, help="folder with manifest.csv or class subfolders")
+    window.add_argument("--window", nargs=2, type=float, default=(40.0, 80.0), metavar=("CENTRE", "WIDTH"),
+                        help="the window (HU) the images are thought to be exported in (default: brain 40 / 80)")
+    window.add_argument("--sample", type=int, default=300, help="images read (a seeded sample)")
     return parser
+
+
+def window_facts(images: list[np.ndarray], center: float, width: float) -> dict:
+    """How 8-bit CT exports (uint8, or float in [0, 1] as `read_scan` gives them) fill their grey range,
+    and what the commonest tissue grey means in HU.
+
+    Pixels at 0 and 255 are clipped by the window; the mode of the grey levels between them is
+    the commonest soft tissue (brain parenchyma on a head CT, 20-45 HU), read back through the
+    window as HU = centre - width / 2 + grey / 255 * width.
+    """
+    grey = [im if im.dtype == np.uint8 else np.round(np.clip(im, 0, 1) * 255).astype(np.uint8) for im in images]
+    counts = np.bincount(np.concatenate([im.ravel() for im in grey]), minlength=256).astype(np.float64)
+    inner = counts[5:250]
+    mode = int(5 + inner.argmax())
+    return {"images": len(images), "pixels": int(counts.sum()), "black_share": counts[0] / counts.sum(),
+            "white_share": counts[255] / counts.sum(), "tissue_mode_grey": mode,
+            "tissue_mode_hu": center - width / 2.0 + mode / 255.0 * width, "window": [center, width]}
 
 
 def _scan_pixels(records: list[Record]) -> list[np.ndarray]:
@@ -568,6 +590,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.command == "window":
+        try:
+            records = sample_records(read_records(args.data), args.sample, 0)
+            facts = window_facts(_scan_pixels(records), *args.window)
+        except ValueError as exc:
+            parser.exit(2, f"error: {exc}\n")
+        center, width = facts["window"]
+        print(f"{facts['images']} images: {facts['black_share']:.1%} of pixels black (at or below {center - width / 2:g} HU "
+              f"if exported at centre {center:g} / width {width:g}), {facts['white_share']:.1%} white (at or above "
+              f"{center + width / 2:g} HU); commonest tissue grey {facts['tissue_mode_grey']} -> "
+              f"{facts['tissue_mode_hu']:.0f} HU")
+        return 0
     try:
         records = read_records(args.data)
         spec = None

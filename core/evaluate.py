@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from core.calibration import expected_calibration_error, sensitivity_specificity
 from core.data import SPLITS, Record, ScanDataset, check_labels, finding_targets, load_pixels, read_records, recorded_split
 from core.models import Classifier, WeightsError, load_model
-from core.predict import card_probabilities, decide
+from core.predict import card_probabilities, decide, positive_mask, positive_score
 from core.preprocess import normalize
 from core.tasks import TASKS, TaskSpec, get_task
 
@@ -47,7 +47,8 @@ def compute_metrics(targets: np.ndarray, probabilities: np.ndarray, predictions:
     Returns:
         n, accuracy, balanced_accuracy, macro_f1, roc_auc (binary: of the positive class;
         multiclass: macro one-vs-rest; None where a class is absent), ece, per_class,
-        confusion_matrix {labels, matrix}.
+        confusion_matrix {labels, matrix}; with more than two classes and a positive class or
+        group, positive_vs_rest {positive, accuracy, roc_auc} (e.g. pneumonia vs normal).
     """
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
@@ -68,7 +69,16 @@ def compute_metrics(targets: np.ndarray, probabilities: np.ndarray, predictions:
             roc_auc = float(roc_auc_score(targets, probabilities, multi_class="ovr", average="macro", labels=classes))
     except ValueError:
         roc_auc = None
+    grouped = {}
+    if spec.positive is not None and len(labels) > 2 and n:  # the thresholded class or group against the rest
+        truth = positive_mask(spec.labels, spec.positive)[targets]
+        called = positive_mask(spec.labels, spec.positive)[np.asarray(predictions, dtype=np.int64)]
+        both = truth.any() and not truth.all()
+        score = positive_score(probabilities, spec.labels, spec.positive)
+        grouped = {"positive_vs_rest": {"positive": spec.positive, "accuracy": float((truth == called).mean()),
+                                        "roc_auc": float(roc_auc_score(truth, score)) if both else None}}
     return {
+        **grouped,
         "n": n,
         "accuracy": float((predictions == targets).mean()) if n else None,
         "balanced_accuracy": float(recall[present].mean()) if present.any() else None,
@@ -81,6 +91,14 @@ def compute_metrics(targets: np.ndarray, probabilities: np.ndarray, predictions:
         },
         "confusion_matrix": {"labels": labels, "matrix": confusion_matrix(targets, predictions, labels=classes).tolist()},
     }
+
+
+def threshold_figures(probabilities: np.ndarray, targets: np.ndarray, labels: tuple[str, ...], positive: str,
+                      threshold: float) -> dict:
+    """Sensitivity and specificity of the thresholded positive class (or group) against the true classes."""
+    sens, spec_ = sensitivity_specificity(positive_score(probabilities, labels, positive),
+                                          positive_mask(labels, positive)[np.asarray(targets)], threshold)
+    return {"sensitivity": sens, "specificity": spec_}
 
 
 def compute_finding_metrics(targets: np.ndarray, probabilities: np.ndarray, thresholds: list[float],
@@ -167,6 +185,10 @@ def format_report(metrics: dict, title: str) -> str:
     lines = [title, f"  images             {metrics['n']}"]
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece"):
         lines.append(f"  {name:<18} {fmt(metrics[name])}")
+    if metrics.get("positive_vs_rest"):
+        grouped = metrics["positive_vs_rest"]
+        lines.append(f"  {grouped['positive']} vs the rest: accuracy {fmt(grouped['accuracy'])}, "
+                     f"ROC-AUC {fmt(grouped['roc_auc'])}")
     if metrics.get("at_threshold"):
         at = metrics["at_threshold"]
         lines.append(f"  at the card's threshold {at['threshold']:.4f}: sensitivity {fmt(at['sensitivity'])}, "
@@ -249,9 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     predictions = decide(scores.probabilities, spec.labels, card.positive, card.threshold)
     metrics = compute_metrics(scores.targets, scores.probabilities, predictions, spec)
     if card.threshold is not None:
-        pos = spec.label_index(card.positive)
-        sens, spec_ = sensitivity_specificity(scores.probabilities[:, pos], scores.targets == pos, card.threshold)
-        metrics["at_threshold"] = {"threshold": card.threshold, "sensitivity": sens, "specificity": spec_}
+        metrics["at_threshold"] = {"threshold": card.threshold, **threshold_figures(
+            scores.probabilities, scores.targets, spec.labels, card.positive, card.threshold)}
     if spec.findings:
         thresholds = [float(card.findings[name]["threshold"]) for name in spec.findings]
         metrics["findings"] = compute_finding_metrics(scores.finding_targets, scores.finding_probabilities, thresholds, spec)

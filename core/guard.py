@@ -130,6 +130,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--other-images", type=int, default=400, help="training images per other task used to fit")
     parser.add_argument("--test-images", type=int, default=300, help="test images per other task used to measure")
     parser.add_argument("--weights-dir", type=Path, default=None, help="default: the bundled weights folder")
+    parser.add_argument("--non-medical-weight", type=float, default=None,
+                        help="weight of each photo / document among the negatives, relative to a scan (default 10)")
     return parser
 
 

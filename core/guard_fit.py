@@ -176,6 +176,7 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     docs_fit = [_to_model_pixels(a, reference) for a in document_arrays(80, seed=1)]
     docs_test = [_to_model_pixels(a, reference) for a in document_arrays(120, seed=2)]
     results = {}
+    non_medical_weight = args.non_medical_weight or NON_MEDICAL_WEIGHT
     for key in keys:
         spec = get_task(key)
         classifier = load_model(spec, folder / f"{key}.safetensors")
@@ -186,7 +187,7 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         non_medical = [p for p in photos_fit + docs_fit if p is not None]
         negative = features_of(classifier, medical + non_medical)
         # Photos and documents are few next to the other tasks' scans; weigh each of them more.
-        weights = np.concatenate([np.ones(len(medical)), np.full(len(non_medical), NON_MEDICAL_WEIGHT)])
+        weights = np.concatenate([np.ones(len(medical)), np.full(len(non_medical), non_medical_weight)])
         stats = fit_stats(positive, negative, features_of(classifier, own.side("val", None, 0)), weights)
         measured = {
             "right_task_test": flag_rate(stats, features_of(classifier, own.side("test", None, 0))),
@@ -215,7 +216,7 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
                 f"{len(negative)} training images of the other tasks, scikit-image photos ({len(PHOTOS[::2])} "
                 f"of them, whole, mirrored and {FIT_CROPS} crops each) and synthetic documents/screenshots; flagged below "
                 f"{stats.threshold:.3f} (the {VAL_QUANTILE:.0%} quantile of its validation images); photos and documents "
-                f"weigh {NON_MEDICAL_WEIGHT:g} times a scan among the negatives"
+                f"weigh {non_medical_weight:g} times a scan among the negatives"
             ),
             "threshold": stats.threshold,
             "measured": measured,

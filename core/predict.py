@@ -29,7 +29,7 @@ from core.imaging import MAX_UPLOAD_BYTES, Scan, ScanError, read_scan
 from core.guard import check_tags, explain_flag
 from core.models import Classifier, WeightsError, head_module, load_model
 from core.preprocess import model_input
-from core.tasks import TASKS, TaskSpec, get_task
+from core.tasks import TASKS, TaskSpec, get_task, positive_classes
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class Prediction:
         labels: Class keys in model order.
         probabilities: float64 (C,) calibrated probabilities (softmax of logits / T).
         index: Index of the decided class.
-        threshold: Operating threshold on the positive class, where the model has one.
-        positive: The thresholded class, where the model has one.
+        threshold: Operating threshold on the positive class (or group), where the model has one.
+        positive: The thresholded class, or "+"-joined group of classes, where the model has one.
         flag: Why the wrong-input guard thinks the scan does not belong to this model, or None.
         margin: Half-width of the card's indeterminate band, or None where the card has none.
         findings: The independent findings of a multi-label model (empty for other models).
@@ -112,30 +112,50 @@ def decision_margin(probabilities: np.ndarray, labels: tuple[str, ...], positive
     """
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if positive is not None and threshold is not None:
-        return np.abs(probabilities[:, labels.index(positive)] - threshold)
+        return np.abs(positive_score(probabilities, labels, positive) - threshold)
     top = np.sort(probabilities, axis=1)
     return top[:, -1] - top[:, -2]
 
 
+def positive_mask(labels: Sequence[str], positive: str) -> np.ndarray:
+    """bool (C,): the classes a thresholded `positive` (one class, or several joined by "+") covers.
+
+    Raises:
+        ValueError: If it names a class not in `labels`.
+    """
+    members = positive_classes(positive)
+    unknown = [m for m in members if m not in labels]
+    if unknown:
+        raise ValueError(f"positive {positive!r} names unknown classes {unknown}; classes are {', '.join(labels)}")
+    return np.array([label in members for label in labels])
+
+
+def positive_score(probabilities: np.ndarray, labels: Sequence[str], positive: str) -> np.ndarray:
+    """The thresholded probability per row: of the positive class, or the sum over a positive group."""
+    return np.asarray(probabilities, dtype=np.float64)[:, positive_mask(labels, positive)].sum(axis=1)
+
+
 def decide(probabilities: np.ndarray, labels: tuple[str, ...], positive: str | None, threshold: float | None) -> np.ndarray:
-    """Class decision per row: the positive class at or above its threshold, else the likeliest
-    other class (plain argmax where the model has no threshold). Works for any number of classes.
+    """Class decision per row: at or above the threshold the likeliest positive class, else the
+    likeliest other class (plain argmax where the model has no threshold). Works for any number of
+    classes, and for a positive group of classes (their summed probability is thresholded).
 
     Args:
         probabilities: float (N, C).
         labels: Class keys.
-        positive: Thresholded class, or None for plain argmax.
-        threshold: Threshold on that class's probability.
+        positive: Thresholded class (or "+"-joined group), or None for plain argmax.
+        threshold: Threshold on that class's (or group's) probability.
 
     Returns:
         int64 (N,) class indices.
     """
     decided = probabilities.argmax(axis=1)
     if positive is not None and threshold is not None:
-        pos = labels.index(positive)
-        others = probabilities.astype(np.float64, copy=True)
-        others[:, pos] = -np.inf  # below the threshold: the likeliest of the other classes
-        decided = np.where(probabilities[:, pos] >= threshold, pos, others.argmax(axis=1))
+        mask = positive_mask(labels, positive)
+        inside = np.where(mask, probabilities, -np.inf)
+        outside = np.where(mask, -np.inf, probabilities)  # below the threshold: the likeliest of the others
+        decided = np.where(positive_score(probabilities, labels, positive) >= threshold, inside.argmax(axis=1),
+                           outside.argmax(axis=1))
     return decided.astype(np.int64)
 
 

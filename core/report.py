@@ -17,6 +17,7 @@ import numpy as np
 
 from core.cards import ModelCard
 from core.predict import Prediction
+from core.tasks import positive_title
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -117,7 +118,7 @@ def report_figure(content: ReportContent, when: datetime) -> Figure:
         at = card.metrics.get("at_threshold", {})
         sens, spec = at.get("sensitivity"), at.get("specificity")
         figures = f" (held-out sensitivity {sens:.3f}, specificity {spec:.3f})" if sens is not None and spec is not None else ""
-        lines.append(f"Operating threshold: {prediction.positive} at {prediction.threshold:.3f}{figures}")
+        lines.append(f"Operating threshold: {positive_title(prediction.positive)} at {prediction.threshold:.3f}{figures}")
     if prediction.flag:
         lines.append(f"Wrong-input guard: {prediction.flag}")
     if content.faithfulness:

@@ -67,7 +67,8 @@ def variant(pixels: np.ndarray, mask: np.ndarray, name: str) -> np.ndarray:
     raise ValueError(f"unknown variant {name!r}; one of {', '.join(VARIANTS)}")
 
 
-def _probabilities(classifier: Classifier, batch_pixels: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+def batch_probabilities(classifier: Classifier, batch_pixels: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    """Calibrated class probabilities (N, C) of model-sized pixel arrays (S, S) in [0, 1]."""
     spec, out = classifier.spec, []
     for start in range(0, len(batch_pixels), batch_size):
         chunk = torch.from_numpy(np.stack(batch_pixels[start:start + batch_size]))[:, None]
@@ -99,7 +100,7 @@ def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], c
     mask = lung_mask(spec.input_size)
     scores, decided = {}, {}
     for name in VARIANTS:
-        probabilities = _probabilities(classifier, [variant(p, mask, name) for p in base])
+        probabilities = batch_probabilities(classifier, [variant(p, mask, name) for p in base])
         decided[name] = decide(probabilities, spec.labels, card.positive, card.threshold)
         m = compute_metrics(targets, probabilities, decided[name], spec)
         scores[name] = {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc")}

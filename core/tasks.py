@@ -17,6 +17,22 @@ MEDIASTINUM_WINDOW: tuple[float, float] = (40.0, 350.0)
 BRAIN_WINDOW: tuple[float, float] = (40.0, 80.0)
 
 
+POSITIVE_GROUPS: dict[str, str] = {"bacterial+viral": "pneumonia"}  # names of thresholded groups of classes
+
+
+def positive_classes(positive: str) -> tuple[str, ...]:
+    """The classes a `positive` value names: one, or several joined by "+"."""
+    return tuple(positive.split("+"))
+
+
+def positive_title(positive: str | None) -> str | None:
+    """A thresholded class as it is, a group as "name (a + b)"."""
+    if positive is None or "+" not in positive:
+        return positive
+    members = " + ".join(positive_classes(positive))
+    return f"{POSITIVE_GROUPS[positive]} ({members})" if positive in POSITIVE_GROUPS else members
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Everything the project knows about one model.
@@ -26,7 +42,9 @@ class TaskSpec:
         title: Human name of the model, shown in the app.
         page: Title of the app page that offers this model.
         labels: Class keys, exactly the folder names in the training data, in logit order.
-        positive: The class whose probability is thresholded (any number of classes): at or above
+        positive: The class whose probability is thresholded (any number of classes), or several
+            joined by "+" (e.g. "bacterial+viral": their summed probability is thresholded, and at
+            or above the threshold the likelier of them is called): at or above
             the card's threshold the model calls it, below it the likeliest other class.
         arch: Backbone name understood by `core.models.build_model`.
         input_size: Side of the square model input in pixels.
@@ -76,10 +94,17 @@ class TaskSpec:
     body_parts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.positive is not None and not set(positive_classes(self.positive)) <= set(self.labels):
+            raise ValueError(f"{self.key}: positive {self.positive!r} names classes it does not have")
         if len(self.finding_titles) != len(self.findings):
             raise ValueError(f"{self.key}: one title per finding needed")
         if set(self.findings) & set(self.labels):
             raise ValueError(f"{self.key}: a finding may not share a name with a class")
+
+    @property
+    def positive_title(self) -> str | None:
+        """How the pages name the thresholded class or group ("pneumonia (bacterial + viral)")."""
+        return positive_title(self.positive)
 
     @property
     def num_classes(self) -> int:
@@ -157,7 +182,7 @@ TASKS: dict[str, TaskSpec] = {
             title="Pediatric pneumonia chest X-ray (normal / bacterial / viral)",
             page="Chest X-ray",
             labels=("normal", "bacterial", "viral"),
-            positive=None,
+            positive="bacterial+viral",
             data_folder="cxr_pneumonia",
             modalities=("CR", "DX"),
             trained_on="Pediatric chest X-rays (children aged 1-5, Guangzhou; Kermany et al. 2018)",

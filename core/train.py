@@ -60,7 +60,6 @@ from core.calibration import (
     fit_binary_temperature,
     fit_temperature,
     output_probabilities,
-    sensitivity_specificity,
     softmax,
 )
 from core.cards import card_from_spec, read_card, write_card
@@ -77,9 +76,9 @@ from core.data import (
     recorded_split,
     sample_records,
 )
-from core.evaluate import collect_logits, compute_finding_metrics, compute_metrics
+from core.evaluate import collect_logits, compute_finding_metrics, compute_metrics, threshold_figures
 from core.models import QUANT_FORMAT, backbone_blocks, build_model, head_parameters, load_module, save_weights, sha256_file
-from core.predict import decide
+from core.predict import decide, positive_mask, positive_score
 from core.preprocess import normalize
 from core.tasks import TASKS, TaskSpec, get_task
 
@@ -446,13 +445,12 @@ def calibrate_and_score(spec: TaskSpec, weights: Path, loaders: dict[str, DataLo
     result: dict = {"temperature": temperature, "threshold": None, "threshold_rule": None}
     validation = {}
     if spec.positive is not None:
-        pos = spec.label_index(spec.positive)
         rule = (f"highest threshold with validation sensitivity >= {args.min_sensitivity}" if args.min_sensitivity
                 else "maximum Youden's J (sensitivity + specificity - 1) on validation")
-        threshold = choose_threshold(val_probs[:, pos], val_targets == pos, args.min_sensitivity)
-        sens, spec_ = sensitivity_specificity(val_probs[:, pos], val_targets == pos, threshold)
+        threshold = choose_threshold(positive_score(val_probs, spec.labels, spec.positive),
+                                     positive_mask(spec.labels, spec.positive)[val_targets], args.min_sensitivity)
         result.update(threshold=threshold, threshold_rule=rule)
-        validation["at_threshold"] = {"sensitivity": sens, "specificity": spec_}
+        validation["at_threshold"] = threshold_figures(val_probs, val_targets, spec.labels, spec.positive, threshold)
     val_pred = decide(val_probs, spec.labels, spec.positive, result["threshold"])
     validation.update(compute_metrics(val_targets, val_probs, val_pred, spec))
     validation["ece_before_temperature"] = compute_metrics(val_targets, softmax(val_logits), val_pred, spec)["ece"]
@@ -462,9 +460,8 @@ def calibrate_and_score(spec: TaskSpec, weights: Path, loaders: dict[str, DataLo
     test_pred = decide(test_probs, spec.labels, spec.positive, result["threshold"])
     metrics = compute_metrics(test_targets, test_probs, test_pred, spec)
     if result["threshold"] is not None:
-        pos = spec.label_index(spec.positive)
-        sens, spec_ = sensitivity_specificity(test_probs[:, pos], test_targets == pos, result["threshold"])
-        metrics["at_threshold"] = {"sensitivity": sens, "specificity": spec_}
+        metrics["at_threshold"] = threshold_figures(test_probs, test_targets, spec.labels, spec.positive,
+                                                    result["threshold"])
     result.update(metrics=metrics, validation=validation)
     if spec.findings:
         result["findings"] = calibrate_findings(spec, val_outputs, loaders["val"].dataset.findings, test_outputs,

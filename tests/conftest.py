@@ -21,6 +21,19 @@ def data_folder(name: str) -> Path:
     return folder
 
 
+def head_ct_dicom(body_part: str = "HEAD") -> bytes:
+    """A head-CT-like DICOM slice in HU: skull ring (1000), brain (35), a 70 HU crescent by the skull."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:160, 0:160]
+    r = np.hypot(yy - 80, xx - 80)
+    hu = np.full((160, 160), -1000.0)
+    hu[r < 70] = 1000.0
+    hu[r < 62] = 35.0
+    hu[(r > 54) & (r < 62) & (xx < 70)] = 70.0
+    return make_dicom((hu + 1024).astype(np.int16), extra={"BodyPartExamined": body_part})
+
+
 def page_texts(at) -> str:
     """Every text element an AppTest page shows, joined."""
     kinds = ("markdown", "caption", "subheader", "title", "error", "warning", "info")

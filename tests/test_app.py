@@ -6,7 +6,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.tasks import PAGES, tasks_for_page
-from tests.conftest import REPO, encode, make_dicom, page_texts, synthetic_slice, viewer_figure, viewer_sources
+from tests.conftest import (REPO, encode, head_ct_dicom, make_dicom, page_texts, synthetic_slice, viewer_figure,
+                            viewer_sources)
 from ui.widgets import OTHER_PAGES, PAGE_FILES
 
 TIMEOUT = 180
@@ -256,22 +257,9 @@ def test_ct_display_window_never_changes_the_model_input_and_planes_are_checked(
     viewer_sources(at)
 
 
-def _head_ct_dicom(body_part: str = "HEAD") -> bytes:
-    """A head-CT-like slice in HU: skull ring (1000), brain (35), a 70 HU crescent by the skull."""
-    import numpy as np
-
-    yy, xx = np.mgrid[0:160, 0:160]
-    r = np.hypot(yy - 80, xx - 80)
-    hu = np.full((160, 160), -1000.0)
-    hu[r < 70] = 1000.0
-    hu[r < 62] = 35.0
-    hu[(r > 54) & (r < 62) & (xx < 70)] = 70.0
-    return make_dicom((hu + 1024).astype(np.int16), extra={"BodyPartExamined": body_part})
-
-
 def test_head_ct_page_shows_each_finding_and_explains_any_output() -> None:
     at = page("Head CT")
-    upload(at, "IMG0003", _head_ct_dicom(), "application/octet-stream")
+    upload(at, "IMG0003", head_ct_dicom(), "application/octet-stream")
     assert not at.exception, at.exception
     body = page_texts(at)
     assert any(s.value.startswith("Model output:") for s in at.subheader)
@@ -295,6 +283,6 @@ def test_head_ct_page_shows_each_finding_and_explains_any_output() -> None:
 
 def test_a_chest_ct_dicom_is_flagged_on_the_head_ct_page() -> None:
     at = page("Head CT")
-    at.file_uploader[0].set_value(("IMG0004", _head_ct_dicom("CHEST"), "application/octet-stream")).run()
+    at.file_uploader[0].set_value(("IMG0004", head_ct_dicom("CHEST"), "application/octet-stream")).run()
     assert not at.exception
     assert any("body part is CHEST" in w.value for w in at.warning)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.server import serve
-from tests.conftest import encode, make_dicom, synthetic_slice
+from tests.conftest import encode, head_ct_dicom, make_dicom, synthetic_slice
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -127,7 +127,8 @@ def viewer_ranges(driver) -> list:
 
 
 @pytest.mark.parametrize("path,title", [("", "SecondLook"), ("Brain_MRI", "Brain MRI"), ("Chest_X-ray", "Chest X-ray"),
-                                        ("Lung_CT", "Lung CT"), ("Model_cards", "Model cards"), ("Batch", "Batch")])
+                                        ("Lung_CT", "Lung CT"), ("Head_CT", "Head CT"), ("Model_cards", "Model cards"),
+                                        ("Batch", "Batch")])
 def test_every_page_opens(server, browser, path: str, title: str) -> None:
     browser.get(f"{server}/{path}")
     body = wait_for_text(browser, "not for diagnosis")
@@ -140,6 +141,7 @@ def test_every_page_opens(server, browser, path: str, title: str) -> None:
         ("Brain_MRI", "scan.png", lambda: encode(synthetic_slice(200, seed=11))),
         ("Chest_X-ray", "chest.png", lambda: encode(synthetic_slice(300, seed=12))),
         ("Lung_CT", "slice.dcm", lambda: make_dicom(((synthetic_slice(128, seed=3).astype("int16") * 8)))),
+        ("Head_CT", "head.dcm", head_ct_dicom),
     ],
 )
 def test_upload_heatmap_controls_and_download(server, browser, tmp_path: Path, page: str, filename: str, make) -> None:

@@ -81,3 +81,14 @@ def test_audit_of_a_bundled_models_split_finds_no_leak() -> None:
     audit = json.loads(result.stdout)
     assert set(audit["sides"]) == {"val", "test"}
     assert all(side["with_train_duplicate"] == 0 for side in audit["sides"].values())
+
+
+def test_window_facts_read_grey_levels_back_in_hu() -> None:
+    from core.data import window_facts
+
+    image = np.zeros((10, 10), np.uint8)
+    image[:5] = 255  # half clipped white
+    image[5:8] = 128  # the commonest tissue grey
+    facts = window_facts([image, image.astype(np.float32) / 255.0], 40.0, 80.0)
+    assert facts["white_share"] == 0.5 and facts["black_share"] == 0.2
+    assert facts["tissue_mode_grey"] == 128 and facts["tissue_mode_hu"] == pytest.approx(128 / 255 * 80)

@@ -209,3 +209,31 @@ def test_decide_with_a_threshold_on_one_of_three_classes() -> None:
     # malignant at >= 0.25: called even when another class is likelier; otherwise the likeliest other class
     assert decide(probabilities, labels, "malignant", 0.25).tolist() == [0, 2, 2, 2]
     assert decide(probabilities, labels, "malignant", 0.9).tolist() == [0, 1, 0, 1]
+
+
+def test_a_threshold_on_a_group_of_classes() -> None:
+    """cxr_pneumonia screens for pneumonia = bacterial + viral: the summed probability is thresholded."""
+    from core.appraisal import _binary_scores
+    from core.evaluate import compute_metrics, threshold_figures
+    from core.predict import decision_margin, positive_mask, positive_score
+
+    labels = ("normal", "bacterial", "viral")
+    group = "bacterial+viral"
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.5, 0.1, 0.4], [0.2, 0.5, 0.3], [0.9, 0.05, 0.05]])
+    assert positive_mask(labels, group).tolist() == [False, True, True]
+    assert positive_score(probabilities, labels, group) == pytest.approx([0.3, 0.5, 0.8, 0.1])
+    # at or above the threshold the likelier of bacterial / viral is called, below it normal
+    assert decide(probabilities, labels, group, 0.45).tolist() == [0, 2, 1, 0]
+    assert decide(probabilities, labels, group, 0.25).tolist() == [1, 2, 1, 0]
+    assert decision_margin(probabilities, labels, group, 0.45) == pytest.approx([0.15, 0.05, 0.35, 0.35])
+    targets = np.array([0, 2, 1, 1])
+    figures = threshold_figures(probabilities, targets, labels, group, 0.45)
+    assert figures == {"sensitivity": pytest.approx(2 / 3), "specificity": 1.0}
+    decided = decide(probabilities, labels, group, 0.45)
+    assert _binary_scores(targets, decided, positive_mask(labels, group)) == (pytest.approx(2 / 3), 1.0)
+    metrics = compute_metrics(targets, probabilities, decided, get_task("cxr_pneumonia"))
+    assert metrics["positive_vs_rest"]["accuracy"] == 0.75  # the last image: pneumonia called normal
+    assert metrics["positive_vs_rest"]["roc_auc"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="unknown classes"):
+        positive_mask(labels, "bacterial+fungal")
+    assert get_task("cxr_pneumonia").positive_title == "pneumonia (bacterial + viral)"

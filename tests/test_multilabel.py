@@ -230,3 +230,14 @@ def _prediction(classifier, path: Path):
     assert len(prediction.findings) == 6 and prediction.findings[4].title == "subdural"
     assert all(f.present == (f.probability >= f.threshold) for f in prediction.findings)
     return prediction
+
+
+def test_batch_table_has_a_column_per_finding() -> None:
+    from ui.batch_page import table_rows
+
+    row = {"file": "a.dcm", "status": "ok", "prediction": "hemorrhage", "probabilities": {"normal": 0.2, "hemorrhage": 0.8},
+           "uncertain": False, "findings": {name: 0.1 * (j + 1) for j, name in enumerate(FINDINGS)}, "present": ["sdh"]}
+    flat = table_rows([row, {"file": "b.png", "status": "rejected", "reason": "not a scan"}], SPEC)
+    assert flat[0]["findings"] == "sdh" and flat[0]["p_sdh"] == pytest.approx(0.5)
+    assert [k for k in flat[0] if k.startswith("p_")] == [f"p_{key}" for key in SPEC.outputs]
+    assert flat[1]["p_sdh"] is None and flat[1]["findings"] == ""

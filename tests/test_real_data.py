@@ -29,7 +29,7 @@ def test_real_images_read_and_predict(key: str) -> None:
             assert prediction.probabilities.sum() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("key", ["ct_covid", "ct_cancer"])
+@pytest.mark.parametrize("key", ["ct_covid", "ct_cancer", "head_ct"])
 def test_card_test_metrics_reproduce_from_the_command(key: str) -> None:
     """The card's held-out numbers come from a command anyone can rerun: re-carve the split, score it."""
     folder = data_folder(get_task(key).data_folder)
@@ -43,3 +43,6 @@ def test_card_test_metrics_reproduce_from_the_command(key: str) -> None:
     assert metrics["n"] == card["metrics"]["n"]
     assert metrics["accuracy"] == pytest.approx(card["metrics"]["accuracy"], abs=1e-9)
     assert metrics["confusion_matrix"] == card["metrics"]["confusion_matrix"]
+    for name, finding in card.get("findings", {}).items():  # a multi-label model: every finding too
+        assert metrics["findings"][name]["positives"] == finding["test"]["positives"]
+        assert metrics["findings"][name]["roc_auc"] == pytest.approx(finding["test"]["roc_auc"], abs=1e-9)

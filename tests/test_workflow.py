@@ -143,3 +143,17 @@ def test_model_cards_page_renders_every_card_with_its_plots(key: str) -> None:
     assert "95% interval" in at.table[1].value.columns if hasattr(at.table[1].value, "columns") else True
     assert f"The app's default method is **{card.explanations['default_method']}**" in body
     assert "Model-randomisation sanity check" in body
+
+
+def test_model_cards_page_shows_findings_acquisition_and_grouped_thresholds() -> None:
+    at = page("Model cards")
+    at.selectbox[0].set_value("head_ct").run()
+    assert not at.exception, at.exception
+    assert "Findings (independent outputs)" in [s.value for s in at.subheader]
+    assert "subdural" in str([t.value for t in at.table]) and "patients with hemorrhage" in str([t.value for t in at.table])
+    at.selectbox[0].set_value("brain_mri").run()
+    assert "Acquisition shortcuts: does the frame give the label away?" in [s.value for s in at.subheader]
+    at.selectbox[0].set_value("cxr_pneumonia").run()
+    body = page_texts(at)
+    assert "**pneumonia (bacterial + viral) against the rest**" in body
+    assert "Operating threshold:** pneumonia (bacterial + viral) at" in body

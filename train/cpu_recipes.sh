@@ -8,12 +8,16 @@ root=${1:-../shared/data}
 shift || true
 pretrained=${PRETRAINED:-../shared/pretrained/mobilenet_v2-features-imagenet-onnxzoo7-webnn.pth}
 tasks=("$@")
-[ ${#tasks[@]} -gt 0 ] || tasks=(ct_covid ct_cancer brain_mri cxr_pneumonia cxr_covid)
+[ ${#tasks[@]} -gt 0 ] || tasks=(ct_covid ct_cancer brain_mri cxr_pneumonia cxr_covid head_ct)
 for task in "${tasks[@]}"; do
   extra=()
   case $task in
     ct_covid) epochs=12 ;;
     ct_cancer) epochs=12; extra=(--min-sensitivity 0.98) ;;  # malignant: a screening threshold
+    # patients with a few positive slices: stratify by "any hemorrhage", larger val/test sides,
+    # best epoch by validation ROC-AUC, threshold for validation sensitivity >= 0.9; last 8 blocks
+    head_ct) epochs=14; extra=(--unfreeze 8 --patience 5 --select auc --val-frac 0.2 --test-frac 0.2
+                               --stratify positive --min-sensitivity 0.9) ;;
     *) epochs=3 ;;
   esac
   python -m core.train --task "$task" --data "$root/$task" --pretrained "$pretrained" \

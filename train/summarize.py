@@ -95,6 +95,30 @@ def explanation_table(folder: Path) -> None:
         print(f"| {card['key']} | " + " | ".join(" -> ".join(f"{v:.2f}" for v in s[m]) for m in methods) + " |")
 
 
+def findings_table(folder: Path) -> None:
+    """Per finding of each multi-label model: held-out positives, ROC-AUC and sens / spec at its threshold, 95% CI."""
+    cards = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    cards = [c for c in cards if c.get("findings")]
+    if not cards:
+        return
+    print("| key | finding | test positive slices | ROC-AUC [95% CI] | average precision | threshold "
+          "| sensitivity [95% CI] | specificity [95% CI] |")
+    print("|---|---|---|---|---|---|---|---|")
+    for card in cards:
+        for finding in card["findings"].values():
+            test, ci = finding["test"], finding["test"].get("intervals", {})
+
+            def cell(name: str) -> str:
+                v = ci.get(name)
+                if not v or v.get("low") is None:
+                    return fmt(test.get(name))
+                return f"{v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+
+            print(f"| {card['key']} | {finding['title']} | {test['positives']} | {cell('roc_auc')} | "
+                  f"{fmt(test['average_precision'])} | {finding['threshold']:.3f} | {cell('sensitivity')} | "
+                  f"{cell('specificity')} |")
+
+
 if __name__ == "__main__":
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "weights"
     main(folder)
@@ -104,3 +128,5 @@ if __name__ == "__main__":
     interval_table(folder)
     print()
     explanation_table(folder)
+    print()
+    findings_table(folder)

@@ -7,7 +7,7 @@ import streamlit as st
 from core.cards import ModelCard
 from core.feedback import feedback_csv, feedback_path, read_feedback
 from core.models import WeightsError
-from core.tasks import TASKS
+from core.tasks import TASKS, positive_title
 from ui.cache import get_classifier
 from ui.widgets import confusion_figure, disclaimer, reliability_figure, roc_figure
 
@@ -36,6 +36,10 @@ def metrics_table(card: ModelCard) -> None:
     else:
         st.table([{"metric": label, "estimate": _num(m.get(name))} for name, label in METRIC_NAMES.items() if name in m])
         st.caption(f"No intervals in this card yet: `{APPRAISE_HINT.format(key=card.key)}` adds them.")
+    grouped = m.get("positive_vs_rest")
+    if grouped:
+        st.markdown(f"**{positive_title(grouped['positive'])} against the rest** (at the operating threshold): accuracy "
+                    f"{_num(grouped['accuracy'])}, ROC-AUC {_num(grouped['roc_auc'])}.")
     per_class = m.get("per_class", {})
     if per_class:
         st.table([{"class": label, "precision": _num(r["precision"]), "recall (sensitivity)": _num(r["recall"]),
@@ -154,6 +158,27 @@ def findings_table(card: ModelCard) -> None:
                "patients. Where few positive slices stand behind a row, read its figures as anecdotes.")
 
 
+def acquisition_section(card: ModelCard) -> None:
+    """Whether image size / aspect / border give the label away, and the model on re-framed images."""
+    section = card.acquisition
+    if not section:
+        return
+    st.subheader("Acquisition shortcuts: does the frame give the label away?")
+    frame = section["frame_features"]
+    names = {"size": "image size and aspect ratio", "border": "border grey level, black share, content aspect",
+             "size_and_border": "all of these"}
+    st.table([{"predicting the label from": names[name], "accuracy": _num(frame[name]["accuracy"]),
+               "balanced accuracy": _num(frame[name]["balanced_accuracy"])} for name in names if name in frame])
+    st.caption(f"Majority class alone: accuracy {_num(frame['majority_class_accuracy'])}. The model's own accuracy "
+               f"on the same test images: {_num(section['reframed']['as_is']['accuracy'])}.")
+    labels = {"as_is": "as stored", "pad_4:3": "padded to 4:3", "pad_3:4": "padded to 3:4",
+              "crop_4:3": "cropped to 4:3", "crop_3:4": "cropped to 3:4"}
+    st.table([{"test images": labels.get(how, how), "accuracy": _num(s["accuracy"]),
+               "balanced accuracy": _num(s["balanced_accuracy"]), "macro-F1": _num(s["macro_f1"])}
+              for how, s in section["reframed"].items()])
+    st.caption(f"{section['method']}. Command: `{section['command']}`.")
+
+
 def render_card(card: ModelCard) -> None:
     """One card, top to bottom."""
     st.header(card.name)
@@ -176,7 +201,7 @@ def render_card(card: ModelCard) -> None:
     metrics_table(card)
     if card.threshold is not None:
         at = card.metrics.get("at_threshold", {})
-        st.markdown(f"**Operating threshold:** {card.positive} at {card.threshold:.3f} ({card.threshold_rule}); on the "
+        st.markdown(f"**Operating threshold:** {positive_title(card.positive)} at {card.threshold:.3f} ({card.threshold_rule}); on the "
                     f"held-out split sensitivity {_num(at.get('sensitivity'))}, specificity {_num(at.get('specificity'))}.")
     else:
         st.markdown("**Operating rule:** the most probable class (no threshold).")
@@ -185,6 +210,7 @@ def render_card(card: ModelCard) -> None:
     st.subheader("Explanations")
     explanations(card)
     shortcut_audit(card)
+    acquisition_section(card)
     measured = card.guard.get("measured")
     if measured:
         st.subheader("Wrong-input guard")

@@ -24,10 +24,10 @@ from core.feedback import VERDICTS, make_feedback, record_feedback
 from core.guard import plane_mismatch
 from core.imaging import CT_WINDOW_PRESETS, Scan
 from core.models import Classifier, WeightsError
-from core.predict import Prediction, predict_tensor, read_upload, short_digest
+from core.predict import Prediction, positive_score, predict_tensor, read_upload, short_digest
 from core.preprocess import display_rgb
 from core.report import ReportContent, render_pdf
-from core.tasks import TaskSpec, tasks_for_page
+from core.tasks import TaskSpec, positive_title, tasks_for_page
 from core.uncertainty import TTA_VIEWS, Spread, tta_spread
 from ui.cache import get_classifier, keep_uploads_in_memory
 from ui.widgets import (VIEWER_CONFIG, card_summary, disclaimer, findings_chart, png_bytes, probability_chart,
@@ -133,9 +133,10 @@ def show_prediction(classifier: Classifier, prediction: Prediction) -> None:
         at = card.metrics.get("at_threshold", {})
         measured = (f"; on held-out images sensitivity {at['sensitivity']:.2f}, specificity {at['specificity']:.2f}"
                     if at.get("sensitivity") is not None and at.get("specificity") is not None else "")
+        score = float(positive_score(prediction.probabilities[None], prediction.labels, prediction.positive)[0])
         st.caption(
-            f"Calls {prediction.positive} when its probability is at least {prediction.threshold:.2f} "
-            f"(operating threshold chosen on validation data{measured})."
+            f"Calls {positive_title(prediction.positive)} when its probability is at least {prediction.threshold:.2f} "
+            f"(operating threshold chosen on validation data{measured}); here it is {score:.1%}."
         )
     st.plotly_chart(probability_chart(prediction), key=f"probs_{classifier.spec.key}")
     if prediction.findings:

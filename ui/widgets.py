@@ -22,6 +22,7 @@ from core.cards import ModelCard
 from core.predict import Prediction
 from core.report import DISCLAIMER_BODY, DISCLAIMER_LEAD
 from core.uncertainty import Spread
+from core.tasks import positive_title
 
 # The file behind each page of core.tasks.PAGES (Streamlit discovers them in pages/).
 PAGE_FILES: dict[str, str] = {
@@ -62,7 +63,7 @@ def probability_chart(prediction: Prediction) -> go.Figure:
                               text=[f"{v:.1%}" for v in values], textposition="auto"))
     if prediction.threshold is not None and prediction.positive is not None:
         figure.add_vline(x=prediction.threshold, line_dash="dash",
-                         annotation_text=f"{prediction.positive} threshold {prediction.threshold:.2f}")
+                         annotation_text=f"{positive_title(prediction.positive)} threshold {prediction.threshold:.2f}")
     figure.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%", title="calibrated probability"),
                          yaxis=dict(autorange="reversed"), height=80 + 45 * len(labels),
                          margin=dict(l=10, r=10, t=30, b=10))
@@ -104,7 +105,7 @@ def card_summary(card: ModelCard) -> None:
         if card.threshold is not None:
             at = m.get("at_threshold", {})
             st.markdown(
-                f"**Operating threshold:** {card.positive} at {card.threshold:.3f} ({card.threshold_rule}); on the "
+                f"**Operating threshold:** {positive_title(card.positive)} at {card.threshold:.3f} ({card.threshold_rule}); on the "
                 f"held-out split sensitivity {_fmt(at.get('sensitivity'))}, specificity {_fmt(at.get('specificity'))}."
             )
         st.markdown(f"**Calibration:** temperature {card.temperature:.3f}; held-out ECE {_fmt(m.get('ece'))}.")
