@@ -14,6 +14,7 @@ from pathlib import Path
 
 from benchmarks.load import load
 from benchmarks.server import serve
+from core.tasks import TASKS
 from tests.conftest import REPO
 
 
@@ -24,7 +25,7 @@ def test_benchmark_command_prints_every_figure(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
     assert "| ct_covid |" in text and "| baseline ResNet-50 |" in text
-    assert "peak resident memory, 5 models" in text and "targets: predict p50 <= 40 ms" in text
+    assert f"peak resident memory, {len(TASKS)} models" in text and "targets: predict p50 <= 40 ms" in text
     figures = json.loads(out.read_text())
     model = figures["models"]["ct_covid"]
     assert set(model["cam_ms"]) == {"Grad-CAM", "Grad-CAM++", "HiResCAM", "XGradCAM", "LayerCAM", "EigenCAM"}

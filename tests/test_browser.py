@@ -60,7 +60,8 @@ def wait_for(condition, what: str, timeout: float = 60.0, page=None):
         if value:
             return value
         time.sleep(0.3)
-    said = f"; page says: {page_text(page)[:2000]}" if page is not None else ""
+    text = page_text(page) if page is not None else ""
+    said = f"; page says: {text[:1000]} [...] {text[-2000:]}" if len(text) > 3000 else f"; page says: {text}" if text else ""
     raise AssertionError(f"{what} did not happen within {timeout:.0f} s{said}")
 
 
@@ -135,17 +136,29 @@ def test_every_page_opens(server, browser, path: str, title: str) -> None:
     assert title in body and "Traceback" not in body
 
 
+def pick(browser, label: str, option: str) -> None:
+    """Choose `option` in the select box labelled `label`."""
+    from selenium.webdriver.common.by import By
+
+    box = browser.find_element(By.CSS_SELECTOR, f"input[role='combobox'][aria-label='{label}']")
+    box.find_element(By.XPATH, "following-sibling::button").click()
+    wait_for(lambda: [o for o in browser.find_elements(By.CSS_SELECTOR, "[role='option']") if o.text == option],
+             f"the {label} list opening")[0].click()
+
+
 @pytest.mark.parametrize(
-    "page,filename,make",
+    "page,filename,make,output",
     [
-        ("Brain_MRI", "scan.png", lambda: encode(synthetic_slice(200, seed=11))),
-        ("Chest_X-ray", "chest.png", lambda: encode(synthetic_slice(300, seed=12))),
-        ("Lung_CT", "slice.dcm", lambda: make_dicom(((synthetic_slice(128, seed=3).astype("int16") * 8)))),
-        ("Head_CT", "head.dcm", head_ct_dicom),
+        ("Brain_MRI", "scan.png", lambda: encode(synthetic_slice(200, seed=11)), None),
+        ("Chest_X-ray", "chest.png", lambda: encode(synthetic_slice(300, seed=12)), None),
+        ("Lung_CT", "slice.dcm", lambda: make_dicom(((synthetic_slice(128, seed=3).astype("int16") * 8))), None),
+        ("Head_CT", "IMG0007.dcm", head_ct_dicom, "skull fracture"),  # a finding of the multi-label model
     ],
 )
-def test_upload_heatmap_controls_and_download(server, browser, tmp_path: Path, page: str, filename: str, make) -> None:
-    """Upload -> prediction -> heatmap; move the opacity slider; pick another method; download the PNG."""
+def test_upload_heatmap_controls_and_download(server, browser, tmp_path: Path, page: str, filename: str, make,
+                                              output: str | None) -> None:
+    """Upload -> prediction -> heatmap (of a chosen output); move the opacity slider; pick another method;
+    download the PNG and the PDF."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -159,7 +172,10 @@ def test_upload_heatmap_controls_and_download(server, browser, tmp_path: Path, p
     if "Model output:" not in body:  # a synthetic image may be flagged by the wrong-input guard
         browser.find_element(By.XPATH, "//*[contains(text(), \"Show the model's output anyway\")]").click()
         body = wait_for_text(browser, "Model output:")
-    wait_for_text(browser, "Grad-CAM for")
+    wait_for_text(browser, "CAM for '")
+    if output is not None:
+        pick(browser, "Explain output", output)
+        wait_for_text(browser, f"for '{output}'")
     first = wait_for(lambda: overlay_source(browser), "the overlay appearing")
     assert "Traceback" not in body
     shots = artifacts(tmp_path)
@@ -172,10 +188,7 @@ def test_upload_heatmap_controls_and_download(server, browser, tmp_path: Path, p
              .get_attribute("value") == "0.55", "the opacity slider moving to 0.55")
     moved = wait_for(lambda: (src := overlay_source(browser)) and src != first and src, "the overlay re-blending")
 
-    method = browser.find_element(By.CSS_SELECTOR, "input[role='combobox'][aria-label='Method']")
-    method.find_element(By.XPATH, "following-sibling::button").click()
-    wait_for(lambda: [o for o in browser.find_elements(By.CSS_SELECTOR, "[role='option']") if o.text == "LayerCAM"],
-             "the method list opening")[0].click()
+    pick(browser, "Method", "LayerCAM")
     wait_for_text(browser, "LayerCAM for")
     wait_for(lambda: (src := overlay_source(browser)) and src != moved, "the LayerCAM overlay")
     browser.save_screenshot(str(shots / f"{page}-layercam.png"))
