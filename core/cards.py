@@ -125,3 +125,18 @@ def write_card(card: ModelCard, path: Path) -> None:
     """Write a card as indented JSON (stable key order, for readable diffs)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(asdict(card), indent=2) + "\n", encoding="utf-8")
+
+
+def update_card(path: Path, **sections: Any) -> None:
+    """Replace whole fields of the card at `path` (e.g. `acquisition=...`) and write it back.
+
+    Raises:
+        ValueError: If the card cannot be read or a field is not a card field.
+    """
+    card = read_card(path)
+    known = {f.name for f in fields(ModelCard)}
+    for name, value in sections.items():
+        if name not in known:
+            raise ValueError(f"{name!r} is not a model card field")
+        setattr(card, name, value)
+    write_card(card, path)

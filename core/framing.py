@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cards import read_card, write_card
+from core.cards import update_card
 from core.data import check_labels, read_records, recorded_split
 from core.evaluate import compute_metrics
 from core.models import Classifier, WeightsError, card_path, load_model
@@ -180,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     print(format_check(section, spec.key))
     if args.write_card:
-        path = card_path(spec, args.weights)
-        card = read_card(path)
-        card.acquisition = section
-        write_card(card, path)
+        update_card(card_path(spec, args.weights), acquisition=section)
     return 0
 
 

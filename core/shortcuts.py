@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from core.appraisal import stratified_sample
-from core.cards import read_card, write_card
+from core.cards import update_card
 from core.data import check_labels, read_records
 from core.evaluate import card_side, compute_metrics
 from core.explain import DEFAULT_METHOD, METHODS, compute_cam
@@ -163,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     print(format_audit(section, spec.key))
     if args.write_card:
-        path = card_path(spec, args.weights)
-        card = read_card(path)
-        card.shortcuts = section
-        write_card(card, path)
+        update_card(card_path(spec, args.weights), shortcuts=section)
     return 0
 
 

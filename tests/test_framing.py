@@ -59,3 +59,19 @@ def test_size_that_gives_the_label_away_is_caught(tmp_path) -> None:
     n = section["reframed"]["as_is"]["n"]
     assert n > 0 and all(s["n"] == n for s in section["reframed"].values())
     assert section["frame_features"]["size"]["accuracy"] >= 0.9
+
+
+def test_update_card_replaces_one_field_and_refuses_unknown_ones(tmp_path) -> None:
+    import shutil
+
+    from core.cards import read_card, update_card
+    from core.models import WEIGHTS_DIR
+
+    path = tmp_path / "brain_mri.json"
+    shutil.copy(WEIGHTS_DIR / "brain_mri.json", path)
+    before = read_card(path)
+    update_card(path, acquisition={"frame_features": {}})
+    after = read_card(path)
+    assert after.acquisition == {"frame_features": {}} and after.metrics == before.metrics
+    with pytest.raises(ValueError, match="not a model card field"):
+        update_card(path, nonsense=1)
