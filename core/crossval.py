@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             m = scored["metrics"]
             row = {"fold": k + 1, "n": m["n"], **{name: m[name] for name in SCORES},
                    "leaks_across_sides": audit["near_duplicate_groups_across_splits"], "best_epoch": history.best_epoch}
-            if spec.positive is not None:
+            if spec.positive in m["per_class"]:  # a single positive class (a group has no F1 of its own)
                 row[f"f1_{spec.positive}"] = m["per_class"][spec.positive]["f1"]
             if scored["threshold"] is not None:
                 row["threshold"] = scored["threshold"]
