@@ -124,10 +124,9 @@ def finding_intervals(truth: np.ndarray, probabilities: np.ndarray, thresholds: 
     out = {}
     for j, name in enumerate(spec.findings):
         column = truth[:, j:j + 1], probabilities[:, j:j + 1]
-        single = TaskSpec(**{**spec.__dict__, "findings": (name,), "finding_titles": (spec.output_title(name),)})
 
-        def measure(index: np.ndarray, column=column, single=single, j=j) -> dict:
-            row = compute_finding_metrics(column[0][index], column[1][index], [thresholds[j]], single)[name]
+        def measure(index: np.ndarray, column=column, name=name, j=j) -> dict:
+            row = compute_finding_metrics(column[0][index], column[1][index], [thresholds[j]], (name,))[name]
             return {k: row[k] for k in names}
 
         out[name] = group_bootstrap(measure, names, groups, resamples, seed)

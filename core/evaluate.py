@@ -18,6 +18,7 @@ import csv
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -102,14 +103,14 @@ def threshold_figures(probabilities: np.ndarray, targets: np.ndarray, labels: tu
 
 
 def compute_finding_metrics(targets: np.ndarray, probabilities: np.ndarray, thresholds: list[float],
-                            spec: TaskSpec) -> dict:
+                            findings: Sequence[str]) -> dict:
     """Per-finding metrics of a multi-label model.
 
     Args:
         targets: float or int (N, F) 0/1 truth, one column per finding in registry order.
         probabilities: float (N, F) calibrated finding probabilities.
         thresholds: One operating threshold per finding.
-        spec: The model's spec.
+        findings: The findings' keys, one per column (a spec's `findings`).
 
     Returns:
         {finding: {n, positives, roc_auc, average_precision (None where a side has no case),
@@ -119,7 +120,7 @@ def compute_finding_metrics(targets: np.ndarray, probabilities: np.ndarray, thre
 
     targets = np.asarray(targets).astype(bool)
     out = {}
-    for j, name in enumerate(spec.findings):
+    for j, name in enumerate(findings):
         truth, scores = targets[:, j], np.asarray(probabilities)[:, j]
         both = truth.any() and not truth.all()
         sens, spec_ = sensitivity_specificity(scores, truth, thresholds[j])
@@ -220,6 +221,39 @@ def write_predictions(path: Path, records: list[Record], spec: TaskSpec, probabi
             writer.writerow([record.rel, record.label, spec.labels[pred]] + [f"{p:.6f}" for p in (*probs, *finding)])
 
 
+def card_section_parser(description: str, tasks: Sequence[str], field: str) -> argparse.ArgumentParser:
+    """Arguments of a command that measures a bundled model on its data folder and may store the
+    result as one card field: --task, --data, --weights, --write-card."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--task", required=True, choices=sorted(tasks))
+    parser.add_argument("--data", required=True, type=Path, help="the folder the model was trained on")
+    parser.add_argument("--weights", type=Path, default=None, help="weights file (default: weights/<task>.safetensors)")
+    parser.add_argument("--write-card", action="store_true", help=f"store the result in the card (field `{field}`)")
+    return parser
+
+
+def run_card_section(parser: argparse.ArgumentParser, argv: list[str] | None, field: str,
+                     measure: Callable[[Classifier, list[Record], argparse.Namespace], dict],
+                     describe: Callable[[dict, str], str]) -> int:
+    """Load the model and its data folder, `measure` them, print `describe(section, key)`, and with
+    --write-card store the section as the card's `field`. Bad arguments or files exit with 2."""
+    from core.cards import update_card
+    from core.models import card_path
+
+    args = parser.parse_args(argv)
+    spec = get_task(args.task)
+    try:
+        records = read_records(args.data)
+        check_labels(records, spec)
+        section = measure(load_model(spec, args.weights), records, args)
+    except (ValueError, WeightsError, OSError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(describe(section, spec.key))
+    if args.write_card:
+        update_card(card_path(spec, args.weights), **{field: section})
+    return 0
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Score SecondLook weights on a labelled folder.")
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="registry key of the model")
@@ -275,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             scores.probabilities, scores.targets, spec.labels, card.positive, card.threshold)}
     if spec.findings:
         thresholds = [float(card.findings[name]["threshold"]) for name in spec.findings]
-        metrics["findings"] = compute_finding_metrics(scores.finding_targets, scores.finding_probabilities, thresholds, spec)
+        metrics["findings"] = compute_finding_metrics(scores.finding_targets, scores.finding_probabilities, thresholds,
+                                                     spec.findings)
     if args.predictions:
         write_predictions(args.predictions, records, spec, scores.probabilities, predictions, scores.finding_probabilities)
     if args.json:

@@ -24,18 +24,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from core.cards import update_card
-from core.data import check_labels, read_records, recorded_split
-from core.evaluate import compute_metrics
-from core.models import Classifier, WeightsError, card_path, load_model
+from core.data import recorded_split
+from core.evaluate import card_section_parser, compute_metrics, run_card_section
+from core.models import Classifier
 from core.predict import decide
 from core.preprocess import resize_square
 from core.shortcuts import batch_probabilities
-from core.tasks import TASKS, get_task
+from core.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -160,28 +158,12 @@ def format_check(section: dict, key: str) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Do image size, aspect or border give a model's labels away?")
-    parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--data", required=True, type=Path, help="the folder the model was trained on")
-    parser.add_argument("--weights", type=Path, default=None, help="weights file (default: weights/<task>.safetensors)")
-    parser.add_argument("--write-card", action="store_true", help="store the result in the card (field `acquisition`)")
-    return parser
+    return card_section_parser("Do image size, aspect or border give a model's labels away?", TASKS, "acquisition")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    spec = get_task(args.task)
-    try:
-        records = read_records(args.data)
-        check_labels(records, spec)
-        section = check(load_model(spec, args.weights), records)
-    except (ValueError, WeightsError, OSError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    print(format_check(section, spec.key))
-    if args.write_card:
-        update_card(card_path(spec, args.weights), acquisition=section)
-    return 0
+    return run_card_section(get_args_parser(), argv, "acquisition", lambda model, records, _: check(model, records),
+                            format_check)
 
 
 if __name__ == "__main__":

@@ -24,20 +24,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.appraisal import stratified_sample
-from core.cards import update_card
-from core.data import check_labels, read_records
-from core.evaluate import card_side, compute_metrics
+from core.evaluate import card_section_parser, card_side, compute_metrics, run_card_section
 from core.explain import DEFAULT_METHOD, METHODS, compute_cam
-from core.models import Classifier, WeightsError, card_path, load_model
+from core.models import Classifier
 from core.predict import card_probabilities, decide, forward
 from core.preprocess import normalize, resize_square
-from core.tasks import TASKS, get_task
+from core.tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -140,31 +137,20 @@ def format_audit(section: dict, key: str) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Shortcut audit of a chest X-ray model on its card's test split.")
-    parser.add_argument("--task", required=True, choices=sorted(k for k in TASKS if k.startswith("cxr")))
-    parser.add_argument("--data", required=True, type=Path, help="the folder the model was trained on")
-    parser.add_argument("--weights", type=Path, default=None, help="weights file (default: weights/<task>.safetensors)")
+    parser = card_section_parser("Shortcut audit of a chest X-ray model on its card's test split.",
+                                 [k for k in TASKS if k.startswith("cxr")], "shortcuts")
     parser.add_argument("--cam-images", type=int, default=60)
-    parser.add_argument("--write-card", action="store_true", help="store the audit in the card (field `shortcuts`)")
     return parser
 
 
+def audit_test_side(classifier: Classifier, records: list, args: argparse.Namespace) -> dict:
+    """The audit on the test side of the split the model's card recorded."""
+    test_records, images = card_side(classifier, records, "test")
+    return audit(classifier, images, [r.label for r in test_records], args.cam_images)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    spec = get_task(args.task)
-    try:
-        records = read_records(args.data)
-        check_labels(records, spec)
-        classifier = load_model(spec, args.weights)
-        test_records, images = card_side(classifier, records, "test")
-        section = audit(classifier, images, [r.label for r in test_records], args.cam_images)
-    except (ValueError, WeightsError, OSError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    print(format_audit(section, spec.key))
-    if args.write_card:
-        update_card(card_path(spec, args.weights), shortcuts=section)
-    return 0
+    return run_card_section(get_args_parser(), argv, "shortcuts", audit_test_side, format_audit)
 
 
 if __name__ == "__main__":

@@ -384,7 +384,8 @@ def evaluate(model: nn.Module, loader: DataLoader, spec: TaskSpec, runtime: Runt
     result = {"loss": loss, "balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"],
               "roc_auc": metrics["roc_auc"]}
     if spec.findings:
-        scored = compute_finding_metrics(shard.dataset.findings[rows], finding_probs, [0.5] * len(spec.findings), spec)
+        scored = compute_finding_metrics(shard.dataset.findings[rows], finding_probs, [0.5] * len(spec.findings),
+                                         spec.findings)
         aucs = [row["roc_auc"] for row in scored.values() if row["roc_auc"] is not None]
         result["findings_mean_auc"] = float(np.mean(aucs)) if aucs else None
     return result
@@ -477,8 +478,8 @@ def calibrate_findings(spec: TaskSpec, val_outputs: np.ndarray, val_truth: np.nd
     _, val_probs = output_probabilities(val_outputs, n, 1.0, temperatures)
     _, test_probs = output_probabilities(test_outputs, n, 1.0, temperatures)
     thresholds = [choose_threshold(val_probs[:, j], val_truth[:, j] > 0.5) for j in range(len(spec.findings))]
-    validation = compute_finding_metrics(val_truth, val_probs, thresholds, spec)
-    test = compute_finding_metrics(test_truth, test_probs, thresholds, spec)
+    validation = compute_finding_metrics(val_truth, val_probs, thresholds, spec.findings)
+    test = compute_finding_metrics(test_truth, test_probs, thresholds, spec.findings)
     rule = "maximum Youden's J on validation (0.5 where validation has no positive)"
     return {name: {"title": spec.output_title(name), "temperature": temperatures[j], "threshold": thresholds[j],
                    "threshold_rule": rule, "validation": validation[name], "test": test[name]}

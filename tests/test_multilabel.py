@@ -186,7 +186,7 @@ def test_finding_metrics_on_known_scores() -> None:
     truth = np.array([[1], [1], [0], [0], [0]])
     scores = np.array([[0.9], [0.4], [0.5], [0.1], [0.2]])
     single = get_task("head_ct")
-    row = compute_finding_metrics(np.repeat(truth, 6, 1), np.repeat(scores, 6, 1), [0.45] * 6, single)["sdh"]
+    row = compute_finding_metrics(np.repeat(truth, 6, 1), np.repeat(scores, 6, 1), [0.45] * 6, single.findings)["sdh"]
     assert row["positives"] == 2 and row["roc_auc"] == pytest.approx(5 / 6)
     assert row["sensitivity"] == 0.5 and row["specificity"] == pytest.approx(2 / 3)
 
