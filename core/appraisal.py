@@ -38,10 +38,9 @@ from core.cards import read_card, write_card
 from core.data import check_labels, group_records, read_records
 from core.evaluate import card_side, compute_finding_metrics, compute_metrics, score_records
 from core.explain import METHODS, ROAD_PERCENTILES, compute_cam, road_score
-from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, card_path, head_module, load_model
+from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, card_path, head_module, load_candidate
 from core.predict import decide, decision_margin, positive_mask, positive_score
-from core.preprocess import model_input
-from core.imaging import Scan
+from core.preprocess import pixels_input
 from core.tasks import TASKS, TaskSpec, get_task, positive_title
 
 logger = logging.getLogger(__name__)
@@ -325,7 +324,7 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
         "indeterminate": indeterminate_band(targets, probabilities, predictions, spec, card.positive, card.threshold),
     }
     chosen = stratified_sample(targets, args.faithfulness_images)
-    tensors = [model_input(Scan(pixels=images[i].astype(np.float32) / 255.0, kind="image"), spec) for i in chosen]
+    tensors = [pixels_input(images[i], spec) for i in chosen]
     classes = [int(predictions[i]) for i in chosen]
     table, heatmaps = faithfulness(classifier, tensors, classes)
     sanity_n = min(args.sanity_images, len(tensors))
@@ -347,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = read_records(args.data)
         check_labels(records, spec)
-        classifier = load_model(spec, args.weights)
+        classifier = load_candidate(spec, args.weights)
         sections = appraise(classifier, records, args)
     except (ValueError, WeightsError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")

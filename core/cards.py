@@ -1,6 +1,6 @@
 """Model cards: the JSON file beside every weights file.
 
-A card says what the model is (labels, arch, input, normalisation), how it was made
+A card says what the model is (labels, arch, input, preprocessing, normalisation), how it was made
 (data, split, command, config, commit, library versions), how it scored on held-out data,
 and how to use it (temperature, operating threshold, intended use, limitations).
 """
@@ -30,6 +30,7 @@ class ModelCard:
     mean: list[float]
     std: list[float]
     cam_layer: str
+    preprocessing: list[str] = field(default_factory=list)  # core.preprocess steps, in order
     temperature: float = 1.0
     positive: str | None = None
     threshold: float | None = None
@@ -64,6 +65,7 @@ def card_from_spec(spec: TaskSpec, **values: Any) -> ModelCard:
         mean=list(spec.mean),
         std=list(spec.std),
         cam_layer=spec.cam_layer,
+        preprocessing=list(spec.preprocessing),
         positive=spec.positive,
         **values,
     )
@@ -79,6 +81,7 @@ def check_card(card: ModelCard, spec: TaskSpec) -> list[str]:
         "input_size": spec.input_size,
         "cam_layer": spec.cam_layer,
         "positive": spec.positive,
+        "preprocessing": list(spec.preprocessing),
     }
     for name, value in expected.items():
         if getattr(card, name) != value:

@@ -29,10 +29,10 @@ import torch
 from core.data import (
     check_labels,
     group_records,
-    load_pixels,
     read_records,
     sample_records,
     split_audit,
+    split_pixels,
     stratified_group_split,
 )
 from core.tasks import get_task
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     records = sample_records(read_records(args.data), args.limit, args.seed)
     check_labels(records, spec)
-    images = load_pixels(records, spec)
-    near_dup, groups = group_records(records, images)
+    raw, images = split_pixels(records, spec)
+    near_dup, groups = group_records(records, raw)
     labels = [r.label for r in records]
     fold_of = assign_folds(labels, groups, args.folds, args.seed)
     runtime = Runtime(device=torch.device(args.device))

@@ -8,6 +8,7 @@ one 0/1 column per finding of a multi-label model; paths relative to the folder)
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import random
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from core.imaging import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_scan
-from core.preprocess import base_pixels, resize_square
+from core.preprocess import base_pixels, preprocess_8bit, resize_square
 from core.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ def carve_split(
 
     Args:
         records: The labelled images.
-        images: Their 8-bit pixels (uint8, H x W), as from `load_pixels`.
+        images: Their 8-bit pixels (uint8, H x W), as from `load_pixels` before the preprocessing steps.
         val_frac: Validation share per class.
         test_frac: Test share per class.
         seed: Shuffle seed.
@@ -393,28 +394,46 @@ def recorded_split(
     except (KeyError, TypeError, ValueError):
         raise ValueError("the model card does not record its split settings (seed, val_frac, test_frac)") from None
     records = sample_records(records, config.get("limit"), seed)
-    images = load_pixels(records, spec)
-    sides, _, _ = carve_split(records, images, val_frac, test_frac, seed, config.get("stratify", "majority"), spec.positive)
+    raw, images = split_pixels(records, spec)
+    sides, _, _ = carve_split(records, raw, val_frac, test_frac, seed, config.get("stratify", "majority"), spec.positive)
     return records, images, sides
 
 
 # ---------------------------------------------------------------- loading and augmentation
 
 
-def load_pixels(records: list[Record], spec: TaskSpec) -> list[np.ndarray]:
+def load_pixels(records: list[Record], spec: TaskSpec, preprocess: bool = True) -> list[np.ndarray]:
     """Read every record through `read_scan` and keep its 8-bit model pixels (uint8, H x W).
+
+    Args:
+        records: The images to read.
+        spec: The model's spec (window, preprocessing).
+        preprocess: False: stop before the spec's preprocessing steps (for grouping near-duplicates,
+            which must not depend on them; `preprocess_pixels` finishes the job).
 
     Raises:
         ValueError: Naming the first file that cannot be read.
     """
+    raw_spec = dataclasses.replace(spec, preprocessing=()) if spec.preprocessing and not preprocess else spec
     images = []
     for record in records:
         try:
             scan = read_scan(record.path.read_bytes(), record.path.name)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read training image {record.rel}: {exc}") from None
-        images.append(np.round(base_pixels(scan, spec) * 255.0).astype(np.uint8))
+        images.append(np.round(base_pixels(scan, raw_spec) * 255.0).astype(np.uint8))
     return images
+
+
+def preprocess_pixels(images: list[np.ndarray], spec: TaskSpec) -> list[np.ndarray]:
+    """The spec's preprocessing steps applied to pixels read with `load_pixels(..., preprocess=False)`."""
+    return [preprocess_8bit(image, spec.preprocessing) for image in images] if spec.preprocessing else images
+
+
+def split_pixels(records: list[Record], spec: TaskSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(pixels before the preprocessing steps, for grouping near-duplicates; model pixels), both uint8 (H, W)."""
+    raw = load_pixels(records, spec, preprocess=False)
+    return raw, preprocess_pixels(raw, spec)
 
 
 def augment(pixels: np.ndarray, size: int, rng: np.random.Generator, hflip: bool) -> np.ndarray:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from core.calibration import expected_calibration_error, sensitivity_specificity
 from core.data import SPLITS, Record, ScanDataset, check_labels, finding_targets, load_pixels, read_records, recorded_split
-from core.models import Classifier, WeightsError, load_model
+from core.models import Classifier, WeightsError, load_candidate
 from core.predict import card_probabilities, decide, positive_mask, positive_score
 from core.preprocess import normalize
 from core.tasks import TASKS, TaskSpec, get_task
@@ -245,7 +245,7 @@ def run_card_section(parser: argparse.ArgumentParser, argv: list[str] | None, fi
     try:
         records = read_records(args.data)
         check_labels(records, spec)
-        section = measure(load_model(spec, args.weights), records, args)
+        section = measure(load_candidate(spec, args.weights), records, args)
     except (ValueError, WeightsError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(describe(section, spec.key))
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = select_split(args.data, read_records(args.data), args.split)
         check_labels(records, spec)
-        classifier = load_model(spec, args.weights)
+        classifier = load_candidate(spec, args.weights)
         images = None
         if args.card_split:
             records, images = card_side(classifier, records, args.card_split)

@@ -268,6 +268,35 @@ class Region:
     area: float
 
 
+def place_in_region(heatmap: np.ndarray, region: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
+    """A model-input heatmap put back where the model looked on the whole scan.
+
+    When a preprocessing step crops the scan (`core.preprocess.model_region`), the heatmap covers
+    only that region; outside it the model saw nothing, so the map is 0 there.
+
+    Args:
+        heatmap: float (h, w) in [0, 1], over the model input.
+        region: (top, bottom, left, right) in scan pixels.
+        shape: (H, W) of the scan.
+
+    Returns:
+        float32 (H, W) in [0, 1]; the heatmap itself when the region is the whole scan.
+
+    Raises:
+        ValueError: If the region is empty or falls outside the scan.
+    """
+    top, bottom, left, right = region
+    height, width = shape
+    if not (0 <= top < bottom <= height and 0 <= left < right <= width):
+        raise ValueError(f"region {region} does not lie in a {height} x {width} scan")
+    if (top, bottom, left, right) == (0, height, 0, width):
+        return np.asarray(heatmap, dtype=np.float32)
+    out = np.zeros((height, width), dtype=np.float32)
+    out[top:bottom, left:right] = cv2.resize(np.asarray(heatmap, dtype=np.float32), (right - left, bottom - top),
+                                             interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0)
+
+
 def locate(heatmap: np.ndarray, threshold: float = LOCALISATION_THRESHOLD) -> Region | None:
     """Weakly supervised localisation: the connected component around the heatmap's peak.
 

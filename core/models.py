@@ -7,6 +7,7 @@ everything else as fp32, so a MobileNetV2 file is about 3.5 MB.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 ARCHS: tuple[str, ...] = ("mobilenet_v2", "squeezenet1_1", "resnet18", "efficientnet_b0", "densenet121")
+# The last convolutional block of each backbone: where Grad-CAM hooks by default.
+CAM_LAYERS: dict[str, str] = {"mobilenet_v2": "features.18", "squeezenet1_1": "features.12", "resnet18": "layer4",
+                              "efficientnet_b0": "bn2", "densenet121": "features.norm5"}
 QUANT_FORMAT = "int8-per-channel"
 _QUANT_MIN_NUMEL = 1024
 
@@ -274,6 +278,44 @@ def load_model(spec: TaskSpec, weights: Path | None = None, card_path: Path | No
         raise WeightsError(f"{weights.name} sha256 {digest[:12]}... does not match its card ({card.sha256[:12]}...)")
     module = load_module(spec, weights, arch=card.arch)
     return Classifier(spec=spec, card=card, module=module, guard=load_guard(card, weights.parent))
+
+
+def recipe_spec(spec: TaskSpec, arch: str | None = None, preprocessing: tuple[str, ...] | None = None) -> TaskSpec:
+    """The registry entry with another backbone (and its CAM layer) or other preprocessing steps.
+
+    For candidate models trained with another recipe than the bundled one (architecture and
+    preprocessing comparisons); the app itself only loads models that match the registry.
+
+    Raises:
+        ValueError: For an unknown architecture or preprocessing step.
+    """
+    changes: dict = {}
+    if arch is not None and arch != spec.arch:
+        if arch not in CAM_LAYERS:
+            raise ValueError(f"unknown arch {arch!r}; one of {', '.join(CAM_LAYERS)}")
+        changes.update(arch=arch, cam_layer=CAM_LAYERS[arch])
+    if preprocessing is not None:
+        changes["preprocessing"] = tuple(preprocessing)
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def load_candidate(spec: TaskSpec, weights: Path | None = None) -> Classifier:
+    """`load_model`, but a weights file other than the bundled one brings its own card's backbone and preprocessing.
+
+    Raises:
+        WeightsError: As `load_model`, or when the card names an unknown backbone or step.
+    """
+    if weights is None:
+        return load_model(spec)
+    path = card_path(spec, weights)
+    if not path.is_file():
+        raise WeightsError(f"model card not found: {path}")
+    card = read_card(path)
+    try:
+        candidate = recipe_spec(spec, card.arch, tuple(card.preprocessing))
+    except ValueError as exc:
+        raise WeightsError(f"card {path.name}: {exc}") from None
+    return load_model(candidate, weights)
 
 
 def load_guard(card: ModelCard, folder: Path) -> GuardStats | None:

@@ -12,7 +12,8 @@ of the default CAM's mass that falls inside the lung fields, against the share o
 the lung fields cover.
 
 Lung-field estimate: a fixed anatomical prior, not a segmentation. Two ellipses on the
-square model input of a frontal chest X-ray, centred at 29% and 71% of the width and 47% of
+whole frontal chest X-ray (for a model whose preprocessing crops the border, mapped into the
+crop, so the same anatomy is blanked), centred at 29% and 71% of the width and 47% of
 the height, half-axes 17% of the width and 32% of the height (about a third of the image). On
 the training images they hold most of each lung field; the lateral edges and the
 costophrenic angles of large lungs fall outside, and some mediastinum falls inside. Blanked
@@ -29,11 +30,12 @@ import numpy as np
 import torch
 
 from core.appraisal import stratified_sample
+from core.data import load_pixels
 from core.evaluate import card_section_parser, card_side, compute_metrics, run_card_section
 from core.explain import DEFAULT_METHOD, METHODS, compute_cam
 from core.models import Classifier
 from core.predict import card_probabilities, decide, forward
-from core.preprocess import normalize, resize_square
+from core.preprocess import normalize, resize_square, steps_region
 from core.tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -43,9 +45,20 @@ LUNG_HALF_AXES: tuple[float, float] = (0.17, 0.32)
 VARIANTS: tuple[str, ...] = ("original", "lungs_blanked", "lungs_only")
 
 
-def lung_mask(size: int) -> np.ndarray:
-    """bool (size, size): the two lung-field ellipses of the anatomical prior (see the module docstring)."""
-    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+def lung_mask(size: int, region: tuple[int, int, int, int] | None = None, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """bool (size, size): the two lung-field ellipses of the anatomical prior (see the module docstring).
+
+    The prior is placed on the whole radiograph. For a model whose preprocessing crops it
+    (`region` = (top, bottom, left, right) of the image of `shape` (H, W) that the input covers),
+    the ellipses are mapped into the crop, so they cover the same anatomy as without the crop.
+    """
+    v, u = (np.mgrid[0:size, 0:size] + 0.5) / size
+    if region is None:
+        xx, yy = u, v
+    else:
+        top, bottom, left, right = region
+        height, width = shape
+        xx, yy = (left + u * (right - left)) / width, (top + v * (bottom - top)) / height
     mask = np.zeros((size, size), dtype=bool)
     for cx, cy in LUNG_CENTRES:
         mask |= ((xx - cx) / LUNG_HALF_AXES[0]) ** 2 + ((yy - cy) / LUNG_HALF_AXES[1]) ** 2 <= 1.0
@@ -75,7 +88,7 @@ def batch_probabilities(classifier: Classifier, batch_pixels: list[np.ndarray], 
 
 
 def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], cam_images: int = 60,
-          method: str | None = None) -> dict:
+          method: str | None = None, regions: list[tuple[tuple[int, int, int, int], tuple[int, int]]] | None = None) -> dict:
     """Scores on the three variants and the CAM mass inside the lung fields.
 
     Args:
@@ -84,6 +97,8 @@ def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], c
         labels: Their class keys.
         cam_images: How many images (evenly across classes) for the CAM mass.
         method: CAM method (default: the card's default method).
+        regions: Per image, (region kept by the preprocessing, shape of the image before it), for a
+            model whose preprocessing crops (`lung_mask`); None: the input is the whole image.
 
     Returns:
         The card's `shortcuts` section.
@@ -94,10 +109,13 @@ def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], c
         raise ValueError(f"unknown CAM method {method!r}")
     targets = np.asarray([spec.label_index(label) for label in labels])
     base = [resize_square(img.astype(np.float32) / 255.0, spec.input_size) for img in images]
-    mask = lung_mask(spec.input_size)
+    if regions is None:
+        masks = [lung_mask(spec.input_size)] * len(base)
+    else:
+        masks = [lung_mask(spec.input_size, region, shape) for region, shape in regions]
     scores, decided = {}, {}
     for name in VARIANTS:
-        probabilities = batch_probabilities(classifier, [variant(p, mask, name) for p in base])
+        probabilities = batch_probabilities(classifier, [variant(p, m, name) for p, m in zip(base, masks)])
         decided[name] = decide(probabilities, spec.labels, card.positive, card.threshold)
         m = compute_metrics(targets, probabilities, decided[name], spec)
         scores[name] = {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc")}
@@ -107,12 +125,13 @@ def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], c
         tensor = normalize(torch.from_numpy(base[i])[None, None], spec)
         heatmap = compute_cam(classifier, tensor, int(decided["original"][i]), method)
         if heatmap.sum() > 0:
-            inside.append(float((heatmap * mask).sum() / heatmap.sum()))
+            inside.append(float((heatmap * masks[i]).sum() / heatmap.sum()))
     return {
         "lung_fields": f"fixed anatomical prior: two ellipses centred at {LUNG_CENTRES[0]} and {LUNG_CENTRES[1]} of the "
-                       f"input, half-axes {LUNG_HALF_AXES[0]} x {LUNG_HALF_AXES[1]} of its width x height; blanked "
-                       "pixels take the image's mean",
-        "lung_area_share": float(mask.mean()),
+                       f"radiograph, half-axes {LUNG_HALF_AXES[0]} x {LUNG_HALF_AXES[1]} of its width x height (mapped into "
+                       "the model's crop where its preprocessing crops); blanked pixels take the image's mean",
+        "lung_area_share": float(np.mean([m.mean() for m in masks])) if masks else float(lung_mask(spec.input_size).mean()),
+        "preprocessing": list(spec.preprocessing),
         "scores": scores,
         "cam": {"method": method, "images": len(inside),
                 "mass_in_lungs_mean": float(np.mean(inside)) if inside else None,
@@ -146,7 +165,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def audit_test_side(classifier: Classifier, records: list, args: argparse.Namespace) -> dict:
     """The audit on the test side of the split the model's card recorded."""
     test_records, images = card_side(classifier, records, "test")
-    return audit(classifier, images, [r.label for r in test_records], args.cam_images)
+    steps, regions = classifier.spec.preprocessing, None
+    if steps:
+        raw = load_pixels(test_records, classifier.spec, preprocess=False)
+        regions = [(steps_region(image, steps), image.shape) for image in raw]
+    return audit(classifier, images, [r.label for r in test_records], args.cam_images, regions=regions)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,22 @@ MEDIASTINUM_WINDOW: tuple[float, float] = (40.0, 350.0)
 BRAIN_WINDOW: tuple[float, float] = (40.0, 80.0)
 
 
+# Image preprocessing steps a spec may name, applied in this order to the 8-bit model pixels
+# (`core.preprocess.PREPROCESSING` holds the functions).
+PREPROCESSING_STEPS: dict[str, str] = {
+    "border_crop": "edge rows and columns of one flat grey level trimmed, then 8% cut off each side (corner markers, "
+                   "labels, collimator edges)",
+    "clahe": "contrast-limited adaptive histogram equalisation (clip 2.0, 8 x 8 tiles): one contrast for every device",
+}
+
+
+
+def describe_preprocessing(steps: tuple[str, ...] | list[str]) -> str:
+    """The steps as one line for readers ("border crop: ...; CLAHE: ..."), or "none"."""
+    names = {"border_crop": "border crop", "clahe": "CLAHE"}
+    return "; ".join(f"{names.get(step, step)}: {PREPROCESSING_STEPS.get(step, 'unknown step')}" for step in steps) or "none"
+
+
 POSITIVE_GROUPS: dict[str, str] = {"bacterial+viral": "pneumonia"}  # names of thresholded groups of classes
 
 
@@ -68,6 +84,8 @@ class TaskSpec:
         finding_titles: Human names of the findings, in the same order.
         body_parts: DICOM BodyPartExamined values this model is meant for; empty: those usual for
             its modalities (`core.guard.BODY_PARTS`).
+        preprocessing: Steps of `PREPROCESSING_STEPS`, in order, applied to the 8-bit grayscale image
+            before resizing, the same way at training and in the app.
     """
 
     key: str
@@ -92,8 +110,12 @@ class TaskSpec:
     findings: tuple[str, ...] = ()
     finding_titles: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
+    preprocessing: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = [step for step in self.preprocessing if step not in PREPROCESSING_STEPS]
+        if unknown:
+            raise ValueError(f"{self.key}: unknown preprocessing {unknown}; known: {', '.join(PREPROCESSING_STEPS)}")
         if self.positive is not None and not set(positive_classes(self.positive)) <= set(self.labels):
             raise ValueError(f"{self.key}: positive {self.positive!r} names classes it does not have")
         if len(self.finding_titles) != len(self.findings):
@@ -212,7 +234,10 @@ TASKS: dict[str, TaskSpec] = {
                 "Classes come from different hospitals and devices: the model may partly recognise the source, not the disease.",
                 "No patient IDs; splits are by near-duplicate group.",
                 "Adults only.",
+                "The border is cut off before the model looks (flat edges, then 8% of each side): it reads the chest, "
+                "not the film's edges, labels and markers, and cannot see findings at the very edge.",
             ),
+            preprocessing=("border_crop",),
             **_MOBILENET,
         ),
         TaskSpec(

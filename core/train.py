@@ -71,16 +71,25 @@ from core.data import (
     carve_split,
     check_labels,
     finding_targets,
-    load_pixels,
     read_records,
     recorded_split,
     sample_records,
+    split_pixels,
 )
 from core.evaluate import collect_logits, compute_finding_metrics, compute_metrics, threshold_figures
-from core.models import QUANT_FORMAT, backbone_blocks, build_model, head_parameters, load_module, save_weights, sha256_file
+from core.models import (
+    QUANT_FORMAT,
+    backbone_blocks,
+    build_model,
+    head_parameters,
+    load_module,
+    recipe_spec,
+    save_weights,
+    sha256_file,
+)
 from core.predict import decide, positive_mask, positive_score
 from core.preprocess import normalize
-from core.tasks import TASKS, TaskSpec, get_task
+from core.tasks import PREPROCESSING_STEPS, TASKS, TaskSpec, get_task
 
 logger = logging.getLogger("core.train")
 
@@ -94,7 +103,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a SecondLook model.")
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="registry key")
     parser.add_argument("--data", required=True, type=Path, help="folder with manifest.csv or class subfolders")
-    parser.add_argument("--arch", default=None, help="backbone (default: the registry's)")
+    parser.add_argument("--arch", default=None, help="backbone (default: the registry's); another one gets its own "
+                                                      "CAM layer (core.models.CAM_LAYERS)")
+    parser.add_argument("--preprocessing", default=None,
+                        help="comma-separated steps of core.tasks.PREPROCESSING_STEPS, or 'none' (default: the "
+                             "registry's); recorded in the card")
     parser.add_argument("--pretrained", default="none", help="ImageNet weights: a local FILE, 'hub', or 'none'")
     parser.add_argument("--head-epochs", type=int, default=1, help="stage 1: epochs training the head only")
     parser.add_argument("--epochs", type=int, default=10, help="stage 2: epochs with the last blocks unfrozen")
@@ -226,8 +239,8 @@ def make_split(spec: TaskSpec, args: argparse.Namespace) -> Split:
     records = sample_records(read_records(args.data), args.limit, args.seed)
     check_labels(records, spec)
     logger.info("reading %d images from %s", len(records), args.data)
-    images = load_pixels(records, spec)
-    sides, audit, method = carve_split(records, images, args.val_frac, args.test_frac, args.seed, args.stratify,
+    raw, images = split_pixels(records, spec)
+    sides, audit, method = carve_split(records, raw, args.val_frac, args.test_frac, args.seed, args.stratify,
                                        spec.positive)
     logger.info("split: %s", audit["counts"])
     return split_from_sides(spec, records, images, sides, audit, method)
@@ -557,6 +570,7 @@ def recalibrate(spec: TaskSpec, args: argparse.Namespace, argv: list[str], runti
     card = read_card(card_path)
     if sha256_file(weights) != card.sha256:
         raise SystemExit(f"error: {weights} does not match its card's sha256; recalibrate only the file the card describes")
+    spec = recipe_spec(spec, card.arch, tuple(card.preprocessing))
     records, images, sides = recorded_split(read_records(args.data), spec, card.training.get("config", {}))
     split = split_from_sides(spec, records, images, sides, card.split, card.split.get("method", ""))
     scored = calibrate_and_score(spec, weights, make_loaders(spec, split, args, runtime), args, card.arch)
@@ -572,6 +586,19 @@ def recalibrate(spec: TaskSpec, args: argparse.Namespace, argv: list[str], runti
                 card.metrics["accuracy"])
 
 
+def parse_steps(value: str | None) -> tuple[str, ...] | None:
+    """--preprocessing: None (the registry's), 'none' (no steps) or comma-separated step names."""
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return ()
+    steps = tuple(step.strip() for step in value.split(",") if step.strip())
+    unknown = [step for step in steps if step not in PREPROCESSING_STEPS]
+    if unknown:
+        raise SystemExit(f"error: unknown preprocessing {unknown}; known: {', '.join(PREPROCESSING_STEPS)}")
+    return steps
+
+
 def train_and_record(args: argparse.Namespace, argv: list[str], runtime: Runtime, provenance: dict) -> None:
     """Every rank trains; rank 0 alone saves, calibrates, scores and writes the card."""
     seed_everything(args.seed)
@@ -580,7 +607,8 @@ def train_and_record(args: argparse.Namespace, argv: list[str], runtime: Runtime
         if runtime.main:
             recalibrate(spec, args, argv, runtime, provenance)
         return
-    arch = args.arch or spec.arch
+    spec = recipe_spec(spec, args.arch, parse_steps(args.preprocessing))
+    arch = spec.arch
     started = time.time()
     split = make_split(spec, args)
     weights = args.out / f"{spec.key}.safetensors"
@@ -616,7 +644,6 @@ def train_and_record(args: argparse.Namespace, argv: list[str], runtime: Runtime
         limitations=list(spec.limitations),
         findings=scored.get("findings", {}),
     )
-    card.arch = arch
     card.sha256 = sha256_file(weights)
     write_card(card, weights.with_suffix(".json"))
     m = scored["metrics"]

@@ -286,3 +286,41 @@ def test_a_chest_ct_dicom_is_flagged_on_the_head_ct_page() -> None:
     at.file_uploader[0].set_value(("IMG0004", head_ct_dicom("CHEST"), "application/octet-stream")).run()
     assert not at.exception
     assert any("body part is CHEST" in w.value for w in at.warning)
+
+
+def _decode(uri: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+
+
+def test_a_cropping_model_says_so_and_its_heatmap_stays_inside_the_crop() -> None:
+    import numpy as np
+
+    from core.tasks import get_task
+
+    spec = next(s for s in tasks_for_page("Chest X-ray") if "border_crop" in s.preprocessing)
+    at = page("Chest X-ray")
+    at.radio[0].set_value(next(o for o in at.radio[0].options if o == spec.title)).run()
+    image = np.zeros((240, 200), dtype=np.uint8)  # a black frame around a chest-like slice
+    image[20:230, 10:190] = synthetic_slice(210, seed=4)[:, 15:195]
+    upload(at, "framed.png", encode(image))
+    assert not at.exception, at.exception
+    body = page_texts(at)
+    assert "Before the model sees it, as in its training: border crop" in body
+    caption = next(c.value for c in at.caption if c.value.startswith("The model looked at rows"))
+    rows, cols = caption.split("rows ")[1].split(" and")[0], caption.split("columns ")[1].split(" of")[0]
+    top, bottom = map(int, rows.split("-"))
+    left, right = map(int, cols.split("-"))
+    assert 20 < top < bottom < 230 and 10 < left < right < 190  # inside the frame, margins cut
+    at.slider[1].set_value(0.0).run()  # show every activation: inside the crop the overlay colours the image
+    shown, blended = (_decode(uri) for uri in viewer_sources(at))
+    outside = np.ones(shown.shape[:2], dtype=bool)
+    outside[top:bottom, left:right] = False
+    np.testing.assert_array_equal(blended[outside], shown[outside])  # nothing the model did not see is coloured
+    assert not np.array_equal(blended[top:bottom, left:right], shown[top:bottom, left:right])
+    assert get_task(spec.key).preprocessing == spec.preprocessing

@@ -22,6 +22,20 @@ def test_lung_prior_is_two_fields_left_and_right_of_the_midline() -> None:
     assert np.array_equal(left, right[:, ::-1])
 
 
+def test_the_prior_follows_the_anatomy_into_a_border_crop() -> None:
+    whole = lung_mask(224)
+    np.testing.assert_array_equal(lung_mask(224, (0, 1000, 0, 800), (1000, 800)), whole)  # no crop: the same
+    cropped = lung_mask(224, (80, 920, 64, 736), (1000, 800))  # 8% off each side
+    assert cropped.mean() > whole.mean() * 1.25  # the same fields fill more of a cropped input
+    rows, cols = np.nonzero(cropped)
+    assert cols.min() < np.nonzero(whole)[1].min()  # and reach further out
+    # the pixel at the crop's input position (u, v) is inside iff the whole image's (x, y) is
+    u, v = 30, 120
+    x = round((64 + (u + 0.5) / 224 * 672) / 800 * 224 - 0.5)
+    y = round((80 + (v + 0.5) / 224 * 840) / 1000 * 224 - 0.5)
+    assert cropped[v, u] == whole[y, x]
+
+
 def test_variants_blank_with_the_image_mean_and_refuse_unknown_names() -> None:
     pixels = np.random.default_rng(0).random((224, 224)).astype(np.float32)
     mask = lung_mask(224)

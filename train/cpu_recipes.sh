@@ -18,6 +18,8 @@ for task in "${tasks[@]}"; do
     # best epoch by validation ROC-AUC, threshold for validation sensitivity >= 0.9; last 8 blocks
     head_ct) epochs=14; extra=(--unfreeze 8 --patience 5 --select auc --val-frac 0.2 --test-frac 0.2
                                --stratify positive --min-sensitivity 0.9) ;;
+    # screening thresholds (validation sensitivity >= 0.95); cxr_covid's border crop comes from the registry
+    cxr_*) epochs=3; extra=(--min-sensitivity 0.95) ;;
     *) epochs=3 ;;
   esac
   python -m core.train --task "$task" --data "$root/$task" --pretrained "$pretrained" \

@@ -1,6 +1,9 @@
-"""Print the bundled models' held-out figures as a Markdown table, read from their cards.
+"""Print the bundled models' held-out figures as Markdown tables, read from their cards.
 
 Usage: python train/summarize.py [WEIGHTS_DIR]
+
+The last table sets the chest X-ray models' shortcut audits beside those of the candidate
+recipes kept in train/preprocessing/ and train/arch/ (their cards).
 """
 
 from __future__ import annotations
@@ -119,6 +122,29 @@ def findings_table(folder: Path) -> None:
                   f"{cell('specificity')} |")
 
 
+def shortcut_table(paths: list[Path]) -> None:
+    """The shortcut audit (core.shortcuts) of every card that has one, with its recipe."""
+    print("| key | recipe | preprocessing | as is: accuracy / ROC-AUC | sens / spec at threshold | lungs blanked | "
+          "only lungs kept | Grad-CAM mass in the lung fields |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        card = json.loads(path.read_text())
+        audit = card.get("shortcuts") or {}
+        if not audit:
+            continue
+        scores, at = audit["scores"], card["metrics"].get("at_threshold", {})
+        recipe = "bundled" if path.parent.name == "weights" else f"{path.parent.name}/{path.name}"
+
+        def pair(name: str) -> str:
+            return f"{fmt(scores[name]['accuracy'])} / {fmt(scores[name]['roc_auc'])}"
+
+        steps = ", ".join(card.get("preprocessing", [])) or "none"
+        print(f"| {card['key']} | {card['arch']}, {recipe} | {steps} | {pair('original')} | "
+              f"{fmt(at.get('sensitivity'))} / {fmt(at.get('specificity'))} | {pair('lungs_blanked')} | "
+              f"{pair('lungs_only')} | "
+              f"{audit['cam']['mass_in_lungs_mean']:.1%} (fields: {audit['lung_area_share']:.1%} of the input) |")
+
+
 if __name__ == "__main__":
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "weights"
     main(folder)
@@ -130,3 +156,7 @@ if __name__ == "__main__":
     explanation_table(folder)
     print()
     findings_table(folder)
+    print()
+    records = Path(__file__).resolve().parent
+    shortcut_table(sorted(folder.glob("cxr_*.json")) + sorted(records.glob("preprocessing/cxr_*.json"))
+                   + sorted(records.glob("arch/cxr_*.json")))

@@ -7,7 +7,7 @@ import streamlit as st
 from core.cards import ModelCard
 from core.feedback import feedback_csv, feedback_path, read_feedback
 from core.models import WeightsError
-from core.tasks import TASKS, positive_title
+from core.tasks import TASKS, describe_preprocessing, positive_title
 from ui.cache import get_classifier
 from ui.widgets import confusion_figure, disclaimer, reliability_figure, roc_figure
 
@@ -187,6 +187,8 @@ def render_card(card: ModelCard) -> None:
     st.markdown(f"**Trained on:** {card.data.get('trained_on', 'n/a')}")
     st.markdown(f"**Source:** {card.data.get('source', 'n/a')}  \n**Licence:** {card.data.get('licence', 'n/a')}")
     st.markdown(f"**Intended use:** {card.intended_use}")
+    st.markdown(f"**Image preprocessing** (the same in training and in the app, before resizing to "
+                f"{card.input_size} px): {describe_preprocessing(card.preprocessing)}.")
     st.subheader("How it was tested")
     split = card.split
     st.markdown(f"**Split:** {split.get('method', 'n/a')}. {split.get('images', 'n/a')} images in "

@@ -19,15 +19,15 @@ import streamlit as st
 import torch
 
 from core.explain import (COLORMAPS, DEFAULT_METHOD, LOCALISATION_THRESHOLD, METHODS, Faithfulness, compute_cam,
-                          draw_region, locate, overlay, road_score)
+                          draw_region, locate, overlay, place_in_region, road_score)
 from core.feedback import VERDICTS, make_feedback, record_feedback
 from core.guard import plane_mismatch
 from core.imaging import CT_WINDOW_PRESETS, Scan
 from core.models import Classifier, WeightsError
 from core.predict import Prediction, positive_score, predict_tensor, read_upload, short_digest
-from core.preprocess import display_rgb
+from core.preprocess import display_rgb, model_region
 from core.report import ReportContent, render_pdf
-from core.tasks import TaskSpec, positive_title, tasks_for_page
+from core.tasks import TaskSpec, describe_preprocessing, positive_title, tasks_for_page
 from core.uncertainty import TTA_VIEWS, Spread, tta_spread
 from ui.cache import get_classifier, keep_uploads_in_memory
 from ui.widgets import (VIEWER_CONFIG, card_summary, disclaimer, findings_chart, png_bytes, probability_chart,
@@ -48,6 +48,7 @@ class Analysis:
     tensor: torch.Tensor
     prediction: Prediction
     rgb: np.ndarray
+    region: tuple[int, int, int, int]  # the part of the scan the model input covers (core.preprocess.model_region)
     cams: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
     faithfulness: dict[tuple[int, str], Faithfulness] = field(default_factory=dict)
     spread: Spread | None = None
@@ -97,20 +98,23 @@ def analyse(classifier: Classifier, data: bytes, filename: str) -> Analysis | st
         logger.error("upload %s failed for %s: %s", digest, classifier.spec.key, type(exc).__name__)
         return _failed(f"internal error: {type(exc).__name__}")
     logger.info("upload %s -> %s: %s", digest, classifier.spec.key, prediction.label)
-    analysis = Analysis(sha256, scan, tensor, prediction, display_rgb(scan))
+    analysis = Analysis(sha256, scan, tensor, prediction, display_rgb(scan), model_region(scan, classifier.spec))
     store[key] = analysis
     while len(store) > MAX_ANALYSES:
         store.popitem(last=False)
     return analysis
 
 
-def show_scan_notes(scan: Scan) -> None:
-    """What was read from the file and what was done to it."""
+def show_scan_notes(scan: Scan, spec: TaskSpec) -> None:
+    """What was read from the file, what was done to it, and what the model does to it before it looks."""
     facts = [f"{scan.shape[1]} x {scan.shape[0]} px", scan.kind.upper()]
     for name in ("Modality", "BodyPartExamined", "orientation", "TransferSyntax"):
         if name in scan.info:
             facts.append(f"{name}: {scan.info[name]}")
-    st.caption("Read as: " + ", ".join(facts) + (". Steps: " + "; ".join(scan.steps) if scan.steps else "."))
+    caption = "Read as: " + ", ".join(facts) + (". Steps: " + "; ".join(scan.steps) if scan.steps else ".")
+    if spec.preprocessing:
+        caption += f" Before the model sees it, as in its training: {describe_preprocessing(spec.preprocessing)}."
+    st.caption(caption)
 
 
 def show_prediction(classifier: Classifier, prediction: Prediction) -> None:
@@ -244,8 +248,14 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     heatmap = heatmap_for(classifier, analysis, cam_key, target)
     if heatmap is None:
         return
+    heatmap = place_in_region(heatmap, analysis.region, analysis.scan.shape)
     rgb = viewer_image(spec, analysis, prefix)
     blended = overlay(rgb, heatmap, opacity, colormap, threshold)
+    if analysis.region != (0, rgb.shape[0], 0, rgb.shape[1]):  # outside the model's crop: the image as it is
+        top, bottom, left, right = analysis.region
+        unseen = np.ones(rgb.shape[:2], dtype=bool)
+        unseen[top:bottom, left:right] = False
+        blended[unseen] = rgb[unseen]
     region = locate(heatmap) if region_style != "off" else None
     if region is not None:
         blended = draw_region(blended, region, region_style)
@@ -258,6 +268,10 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
         st.caption(f"Strongest region: where the heatmap reaches {LOCALISATION_THRESHOLD:.0%} of its maximum, around "
                    f"its peak ({region.area:.0%} of the image). A weak localisation, not a segmentation.")
     reading = st.empty()  # the faithfulness line, filled below once the downloads are on screen
+    if analysis.region != (0, analysis.scan.shape[0], 0, analysis.scan.shape[1]):
+        top, bottom, left, right = analysis.region
+        st.caption(f"The model looked at rows {top}-{bottom} and columns {left}-{right} of this image (its border crop); "
+                   "outside them the heatmap is empty because the model never saw those pixels.")
     st.caption(
         f"Heatmaps are coarse ({spec.cam_layer} gives a 7 x 7 grid, smoothed to the image) and normalised per "
         "image: red marks where this image's evidence is strongest, not how strong it is. "
@@ -353,7 +367,7 @@ def render_task_page(page: str) -> None:
     if isinstance(result, str):
         st.error(result)
         return
-    show_scan_notes(result.scan)
+    show_scan_notes(result.scan, spec)
     show_plane_warning(spec, result.scan)
     if result.prediction.flag and not confirm_flagged(spec, result):
         return
