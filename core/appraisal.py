@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from core.cards import read_card, write_card
-from core.data import check_labels, group_records, read_records
+from core.data import check_labels, group_records, load_pixels, read_records
 from core.evaluate import card_side, compute_finding_metrics, compute_metrics, score_records
 from core.explain import METHODS, ROAD_PERCENTILES, compute_cam, road_score
 from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, card_path, head_module, load_candidate
@@ -315,7 +315,9 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
     test_records, images = card_side(classifier, records, "test")
     targets, probabilities, finding_truth, finding_probabilities = score_records(classifier, test_records, images=images)
     predictions = decide(probabilities, spec.labels, card.positive, card.threshold)
-    _, groups = group_records(test_records, images)
+    # bootstrap units: the near-duplicate groups (and patients) as the split made them, before any preprocessing
+    raw = load_pixels(test_records, spec, preprocess=False) if spec.preprocessing else images
+    _, groups = group_records(test_records, raw)
     sections = {
         "intervals": bootstrap_intervals(targets, probabilities, predictions, groups, spec, card.positive
                                          if card.threshold is not None else None, args.resamples),

@@ -14,7 +14,6 @@ deleted (the bundled weights are never touched).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -35,8 +34,9 @@ from core.data import (
     split_pixels,
     stratified_group_split,
 )
+from core.models import recipe_spec
 from core.tasks import get_task
-from core.train import Runtime, fit_and_score, get_args_parser, seed_everything, split_from_sides
+from core.train import Runtime, fit_and_score, get_args_parser, parse_steps, seed_everything, split_from_sides
 
 logger = logging.getLogger("core.crossval")
 
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=None, help="also write the folds and summary to this JSON file")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    spec = get_task(args.task)
-    arch = args.arch or spec.arch
+    spec = recipe_spec(get_task(args.task), args.arch, parse_steps(args.preprocessing))
+    arch = spec.arch
     seed_everything(args.seed)
     records = sample_records(read_records(args.data), args.limit, args.seed)
     check_labels(records, spec)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             logger.info("fold %d: %s", k + 1, row)
     summary = summarize(rows)
-    result = {"task": spec.key, "arch": arch, "folds": rows, "summary": summary,
+    result = {"task": spec.key, "arch": arch, "preprocessing": list(spec.preprocessing), "folds": rows, "summary": summary,
               "command": "python -m core.crossval " + " ".join(argv),
               "groups": "near-duplicate groups merged with patients, dealt to folds by majority label"}
     for row in rows:

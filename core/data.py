@@ -637,10 +637,12 @@ def main(argv: list[str] | None = None) -> int:
             from core.models import WEIGHTS_DIR
 
             card = read_card(WEIGHTS_DIR / f"{spec.key}.json")
-            records, images, carved = recorded_split(records, spec, card.training.get("config", {}))
+            # the images as grouped when the split was carved: before any preprocessing step
+            raw_spec = dataclasses.replace(spec, preprocessing=())
+            records, images, carved = recorded_split(records, raw_spec, card.training.get("config", {}))
             sides = list(carved)
         else:
-            images = load_pixels(records, spec) if spec else _scan_pixels(records)
+            images = load_pixels(records, spec, preprocess=False) if spec else _scan_pixels(records)
             if args.split == "manifest":
                 sides = [r.split for r in records]
     except ValueError as exc:

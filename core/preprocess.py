@@ -63,9 +63,14 @@ def _flat_run(lines: np.ndarray, limit: int) -> int:
     """How many leading rows of `lines` (N, W) are flat (grey levels spanning <= FLAT_LEVELS), up to `limit`."""
     if limit <= 0 or lines.shape[0] == 0 or lines.shape[1] == 0:
         return 0
-    span = lines[:limit].max(axis=1).astype(np.int16) - lines[:limit].min(axis=1)
-    flat = span <= FLAT_LEVELS
-    return int(np.argmin(flat)) if not flat.all() else int(flat.size)
+    done, chunk = 0, 8
+    while done < min(limit, lines.shape[0]):  # in growing chunks: most edges stop at the first row
+        block = lines[done:min(done + chunk, limit)]
+        flat = (block.max(axis=1).astype(np.int16) - block.min(axis=1)) <= FLAT_LEVELS
+        if not flat.all():
+            return done + int(np.argmin(flat))
+        done, chunk = done + flat.size, chunk * 2
+    return min(done, limit)
 
 
 Box = tuple[int, int, int, int]  # (top, bottom, left, right) in pixels, bottom and right exclusive

@@ -58,6 +58,21 @@ def test_border_crop_trims_flat_edges_then_a_margin() -> None:
     assert border_box(tiny) == (0, 30, 0, 30) and border_crop(tiny).shape == (30, 30)  # too small to crop
 
 
+def test_flat_edge_runs_match_a_row_by_row_count() -> None:
+    from core.preprocess import FLAT_LEVELS, _flat_run
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        rows = rng.integers(0, 60)
+        lines = rng.integers(0, 255, size=(80, 12)).astype(np.uint8)
+        lines[:rows] = rng.integers(0, 250) + rng.integers(0, FLAT_LEVELS + 1, size=(rows, 12))
+        limit = int(rng.integers(0, 90))
+        expected = 0
+        while expected < min(limit, 80) and np.ptp(lines[expected].astype(int)) <= FLAT_LEVELS:
+            expected += 1
+        assert _flat_run(lines, limit) == expected
+
+
 def test_clahe_raises_a_flat_exposure_and_narrows_the_gap_between_exposures() -> None:
     image = synthetic_slice(256, seed=3).astype(np.float32)
     full = image.astype(np.uint8)
@@ -78,7 +93,7 @@ def test_the_model_region_is_where_the_heatmap_goes_back() -> None:
     assert (top, bottom, left, right) == border_box(image) and top > 20 and right < 150
     np.testing.assert_array_equal(np.round(base_pixels(scan, spec) * 255).astype(np.uint8),
                                   clahe(image[top:bottom, left:right]))
-    assert model_region(scan, get_task("cxr_covid")) == (0, 200, 0, 160)  # no steps: the whole scan
+    assert model_region(scan, recipe_spec(spec, preprocessing=())) == (0, 200, 0, 160)  # no steps: the whole scan
     heatmap = np.ones((7, 7), dtype=np.float32)
     placed = place_in_region(heatmap, (top, bottom, left, right), image.shape)
     assert placed.shape == (200, 160) and placed[top:bottom, left:right].min() == pytest.approx(1.0)

@@ -17,7 +17,7 @@ from core.feedback import COLUMNS, feedback_csv, make_feedback, read_feedback, r
 from core.models import WEIGHTS_DIR
 from core.predict import Prediction, unpack_zip
 from core.report import ReportContent, render_pdf
-from core.tasks import TASKS
+from core.tasks import TASKS, describe_preprocessing
 from tests.conftest import encode, make_dicom, page_texts, synthetic_slice
 from tests.test_app import page
 
@@ -143,6 +143,9 @@ def test_model_cards_page_renders_every_card_with_its_plots(key: str) -> None:
     assert "95% interval" in at.table[1].value.columns if hasattr(at.table[1].value, "columns") else True
     assert f"The app's default method is **{card.explanations['default_method']}**" in body
     assert "Model-randomisation sanity check" in body
+    assert f"**Image preprocessing** (the same in training and in the app, before resizing to {card.input_size} px): " \
+           f"{describe_preprocessing(card.preprocessing)}." in body
+    assert ("border crop:" in body) == ("border_crop" in TASKS[key].preprocessing)
 
 
 def test_model_cards_page_shows_findings_acquisition_and_grouped_thresholds() -> None:
