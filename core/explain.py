@@ -17,6 +17,7 @@ import torch
 
 from core.models import Classifier, resolve_layer
 from core.predict import card_probabilities
+from core.preprocess import Box
 from core.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ class Region:
     area: float
 
 
-def place_in_region(heatmap: np.ndarray, region: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
+def place_in_region(heatmap: np.ndarray, region: Box, shape: tuple[int, int]) -> np.ndarray:
     """A model-input heatmap put back where the model looked on the whole scan.
 
     When a preprocessing step crops the scan (`core.preprocess.model_region`), the heatmap covers

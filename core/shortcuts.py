@@ -35,7 +35,7 @@ from core.evaluate import card_section_parser, card_side, compute_metrics, run_c
 from core.explain import DEFAULT_METHOD, METHODS, compute_cam
 from core.models import Classifier
 from core.predict import card_probabilities, decide, forward
-from core.preprocess import normalize, resize_square, steps_region
+from core.preprocess import Box, normalize, resize_square, steps_region
 from core.tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ LUNG_HALF_AXES: tuple[float, float] = (0.17, 0.32)
 VARIANTS: tuple[str, ...] = ("original", "lungs_blanked", "lungs_only")
 
 
-def lung_mask(size: int, region: tuple[int, int, int, int] | None = None, shape: tuple[int, int] | None = None) -> np.ndarray:
+def lung_mask(size: int, region: Box | None = None, shape: tuple[int, int] | None = None) -> np.ndarray:
     """bool (size, size): the two lung-field ellipses of the anatomical prior (see the module docstring).
 
     The prior is placed on the whole radiograph. For a model whose preprocessing crops it
@@ -88,7 +88,7 @@ def batch_probabilities(classifier: Classifier, batch_pixels: list[np.ndarray], 
 
 
 def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], cam_images: int = 60,
-          method: str | None = None, regions: list[tuple[tuple[int, int, int, int], tuple[int, int]]] | None = None) -> dict:
+          method: str | None = None, regions: list[tuple[Box, tuple[int, int]]] | None = None) -> dict:
     """Scores on the three variants and the CAM mass inside the lung fields.
 
     Args:

@@ -25,7 +25,7 @@ from core.guard import plane_mismatch
 from core.imaging import CT_WINDOW_PRESETS, Scan
 from core.models import Classifier, WeightsError
 from core.predict import Prediction, positive_score, predict_tensor, read_upload, short_digest
-from core.preprocess import display_rgb, model_region
+from core.preprocess import Box, display_rgb, model_region
 from core.report import ReportContent, render_pdf
 from core.tasks import TaskSpec, describe_preprocessing, positive_title, tasks_for_page
 from core.uncertainty import TTA_VIEWS, Spread, tta_spread
@@ -48,7 +48,7 @@ class Analysis:
     tensor: torch.Tensor
     prediction: Prediction
     rgb: np.ndarray
-    region: tuple[int, int, int, int]  # the part of the scan the model input covers (core.preprocess.model_region)
+    region: Box  # the part of the scan the model input covers (core.preprocess.model_region)
     cams: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
     faithfulness: dict[tuple[int, str], Faithfulness] = field(default_factory=dict)
     spread: Spread | None = None
