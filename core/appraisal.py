@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from core.cards import read_card, write_card
-from core.data import check_labels, group_records, load_pixels, read_records
+from core.data import check_labels, group_records, preprocess_pixels, read_records
 from core.evaluate import card_side, compute_finding_metrics, compute_metrics, score_records
 from core.explain import METHODS, ROAD_PERCENTILES, compute_cam, road_score
 from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, card_path, head_module, load_candidate
@@ -312,12 +312,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def appraise(classifier: Classifier, records: list, args: argparse.Namespace) -> dict:
     """All new card sections for one model (see the module docstring)."""
     spec, card = classifier.spec, classifier.card
-    test_records, images = card_side(classifier, records, "test")
+    test_records, raw = card_side(classifier, records, "test", preprocess=False)
+    images = preprocess_pixels(raw, spec)
     targets, probabilities, finding_truth, finding_probabilities = score_records(classifier, test_records, images=images)
     predictions = decide(probabilities, spec.labels, card.positive, card.threshold)
-    # bootstrap units: the near-duplicate groups (and patients) as the split made them, before any preprocessing
-    raw = load_pixels(test_records, spec, preprocess=False) if spec.preprocessing else images
-    _, groups = group_records(test_records, raw)
+    _, groups = group_records(test_records, raw)  # bootstrap units: groups as the split made them (before the steps)
     sections = {
         "intervals": bootstrap_intervals(targets, probabilities, predictions, groups, spec, card.positive
                                          if card.threshold is not None else None, args.resamples),

@@ -379,9 +379,16 @@ def sample_records(records: list[Record], limit: int | None, seed: int) -> list[
 
 
 def recorded_split(
-    records: list[Record], spec: TaskSpec, config: dict
+    records: list[Record], spec: TaskSpec, config: dict, preprocess: bool = True
 ) -> tuple[list[Record], list[np.ndarray], np.ndarray]:
     """Re-carve the split a card's training config recorded (seed, val_frac, test_frac, limit).
+
+    Args:
+        records: The folder's records.
+        spec: The model's spec.
+        config: The card's training config.
+        preprocess: False: return the pixels before the spec's preprocessing steps (as the split
+            grouped them; `preprocess_pixels` gives the model pixels from them without reading again).
 
     Returns:
         (records used, their 8-bit pixels, side per record).
@@ -396,7 +403,7 @@ def recorded_split(
     records = sample_records(records, config.get("limit"), seed)
     raw, images = split_pixels(records, spec)
     sides, _, _ = carve_split(records, raw, val_frac, test_frac, seed, config.get("stratify", "majority"), spec.positive)
-    return records, images, sides
+    return records, images if preprocess else raw, sides
 
 
 # ---------------------------------------------------------------- loading and augmentation
@@ -638,8 +645,7 @@ def main(argv: list[str] | None = None) -> int:
 
             card = read_card(WEIGHTS_DIR / f"{spec.key}.json")
             # the images as grouped when the split was carved: before any preprocessing step
-            raw_spec = dataclasses.replace(spec, preprocessing=())
-            records, images, carved = recorded_split(records, raw_spec, card.training.get("config", {}))
+            records, images, carved = recorded_split(records, spec, card.training.get("config", {}), preprocess=False)
             sides = list(carved)
         else:
             images = load_pixels(records, spec, preprocess=False) if spec else _scan_pixels(records)

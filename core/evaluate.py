@@ -280,9 +280,12 @@ def select_split(root: Path, records: list[Record], split: str | None) -> list[R
     return chosen
 
 
-def card_side(classifier: Classifier, records: list[Record], side: str) -> tuple[list[Record], list[np.ndarray]]:
-    """The records (and pixels) on one side of the split the card says the model was trained with."""
-    records, images, sides = recorded_split(records, classifier.spec, classifier.card.training.get("config", {}))
+def card_side(classifier: Classifier, records: list[Record], side: str,
+              preprocess: bool = True) -> tuple[list[Record], list[np.ndarray]]:
+    """The records (and pixels) on one side of the split the card says the model was trained with;
+    preprocess=False: the pixels before the model's preprocessing steps (see `recorded_split`)."""
+    records, images, sides = recorded_split(records, classifier.spec, classifier.card.training.get("config", {}),
+                                            preprocess)
     chosen = [i for i, s in enumerate(sides) if s == side]
     return [records[i] for i in chosen], [images[i] for i in chosen]
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from core.appraisal import stratified_sample
-from core.data import load_pixels
+from core.data import preprocess_pixels
 from core.evaluate import card_section_parser, card_side, compute_metrics, run_card_section
 from core.explain import DEFAULT_METHOD, METHODS, compute_cam
 from core.models import Classifier
@@ -164,12 +164,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def audit_test_side(classifier: Classifier, records: list, args: argparse.Namespace) -> dict:
     """The audit on the test side of the split the model's card recorded."""
-    test_records, images = card_side(classifier, records, "test")
-    steps, regions = classifier.spec.preprocessing, None
-    if steps:
-        raw = load_pixels(test_records, classifier.spec, preprocess=False)
-        regions = [(steps_region(image, steps), image.shape) for image in raw]
-    return audit(classifier, images, [r.label for r in test_records], args.cam_images, regions=regions)
+    spec = classifier.spec
+    test_records, raw = card_side(classifier, records, "test", preprocess=False)
+    regions = [(steps_region(image, spec.preprocessing), image.shape) for image in raw] if spec.preprocessing else None
+    return audit(classifier, preprocess_pixels(raw, spec), [r.label for r in test_records], args.cam_images,
+                 regions=regions)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,11 @@ class Analysis:
     spread: Spread | None = None
 
     @property
+    def cropped(self) -> bool:
+        """Whether the model saw only part of the scan (a preprocessing crop)."""
+        return self.region != (0, self.scan.shape[0], 0, self.scan.shape[1])
+
+    @property
     def digest(self) -> str:
         """The upload's short hash: what logs, keys and the report carry."""
         return short_digest(self.sha256)
@@ -251,7 +256,7 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     heatmap = place_in_region(heatmap, analysis.region, analysis.scan.shape)
     rgb = viewer_image(spec, analysis, prefix)
     blended = overlay(rgb, heatmap, opacity, colormap, threshold)
-    if analysis.region != (0, rgb.shape[0], 0, rgb.shape[1]):  # outside the model's crop: the image as it is
+    if analysis.cropped:  # outside the model's crop: the image as it is
         top, bottom, left, right = analysis.region
         unseen = np.ones(rgb.shape[:2], dtype=bool)
         unseen[top:bottom, left:right] = False
@@ -268,7 +273,7 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
         st.caption(f"Strongest region: where the heatmap reaches {LOCALISATION_THRESHOLD:.0%} of its maximum, around "
                    f"its peak ({region.area:.0%} of the image). A weak localisation, not a segmentation.")
     reading = st.empty()  # the faithfulness line, filled below once the downloads are on screen
-    if analysis.region != (0, analysis.scan.shape[0], 0, analysis.scan.shape[1]):
+    if analysis.cropped:
         top, bottom, left, right = analysis.region
         st.caption(f"The model looked at rows {top}-{bottom} and columns {left}-{right} of this image (its border crop); "
                    "outside them the heatmap is empty because the model never saw those pixels.")
