@@ -36,16 +36,20 @@ import torch
 
 from core.cards import read_card, write_card
 from core.data import check_labels, group_records, preprocess_pixels, read_records
-from core.evaluate import card_side, compute_finding_metrics, compute_metrics, score_records
+from core.data import recorded_split
+from core.evaluate import compute_finding_metrics, compute_metrics, score_records
 from core.explain import METHODS, ROAD_PERCENTILES, compute_cam, road_score
+from core.cards import ModelCard
+from core.decision import Band, decide, decision_distance, log_odds, positive_mask, positive_score
 from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, card_path, head_module, load_candidate
-from core.predict import decide, decision_margin, positive_mask, positive_score
-from core.preprocess import pixels_input
-from core.tasks import TASKS, TaskSpec, get_task, positive_title
+from core.preprocess import EvalPreset
+from core.tasks import TASKS, TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
 
-INDETERMINATE_MARGIN = 0.10  # probability units either side of the decision
+BAND_WIDTHS = np.round(np.arange(0.1, 3.01, 0.1), 2)  # candidate half-widths of the indeterminate band, log-odds
+BAND_MAX_SHARE = 0.15  # a band may hold at most this share of validation images
+BAND_ALPHA = 0.05  # accuracy inside must be lower than outside at this significance
 
 
 # ---------------------------------------------------------------- intervals and curves
@@ -168,23 +172,94 @@ def reliability(targets: np.ndarray, probabilities: np.ndarray, bins: int = 10) 
     return rows
 
 
-def indeterminate_band(targets: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray, spec: TaskSpec,
-                       positive: str | None, threshold: float | None, margin: float = INDETERMINATE_MARGIN) -> dict:
-    """The indeterminate band and how the test split falls around it."""
-    inside = decision_margin(probabilities, spec.labels, positive, threshold) < margin
-    correct = predictions == targets
-    rule = (f"|P({positive_title(positive)}) - {threshold:.3f}| < {margin:.2f}" if positive and threshold is not None
-            else f"top probability - second probability < {margin:.2f}")
-    return {
-        "margin": margin,
-        "rule": rule,
-        "test": {
-            "n": int(len(targets)),
+def band_rule(width: float, positive_title: str | None, threshold: float | None) -> str:
+    """The band in words a reader understands."""
+    if width <= 0:
+        return "no band: on validation, outputs near the decision were not measurably less accurate"
+    if positive_title and threshold is not None:
+        low, high = Band(width).interval(threshold)
+        return (f"uncertain while P({positive_title}) lies between {low:.3f} and {high:.3f} (within {width:.2f} "
+                f"log-odds of the threshold {threshold:.3f})")
+    return f"uncertain while the top class is less than {np.exp(width):.2f} times as likely as the second"
+
+
+def band_figures(distance: np.ndarray, correct: np.ndarray, width: float) -> dict:
+    """Share of images inside a band and the accuracy inside and outside it."""
+    inside = Band(width).contains(distance) if width > 0 else np.zeros(len(distance), dtype=bool)
+    return {"n": int(len(distance)),
             "share_uncertain": float(inside.mean()) if len(inside) else None,
             "accuracy_outside": float(correct[~inside].mean()) if (~inside).any() else None,
-            "accuracy_inside": float(correct[inside].mean()) if inside.any() else None,
-        },
-    }
+            "accuracy_inside": float(correct[inside].mean()) if inside.any() else None}
+
+
+def band_summary(band: dict) -> str:
+    """One line: the width, and the share and accuracy inside and outside on validation and test."""
+    def side(name: str) -> str:
+        f = band[name]
+        inside = "n/a" if f["accuracy_inside"] is None else f"{f['accuracy_inside']:.3f}"
+        outside = "n/a" if f["accuracy_outside"] is None else f"{f['accuracy_outside']:.3f}"
+        return f"{name} {f['share_uncertain']:.1%} inside (accuracy {inside} inside, {outside} outside)"
+    return f"width {band['width']:.2f} log-odds; {side('validation')}; {side('test')}"
+
+
+def choose_band(distance: np.ndarray, correct: np.ndarray, max_share: float = BAND_MAX_SHARE,
+                alpha: float = BAND_ALPHA) -> tuple[float, dict]:
+    """The indeterminate band, chosen on validation: the widest one (in log-odds) that holds at most `max_share`
+    of the images and inside which accuracy is measurably lower than outside (one-sided Fisher exact test,
+    p < alpha). Width 0 (no band) where no width qualifies.
+
+    Args:
+        distance: float (N,) log-odds distance of each validation output from its decision boundary.
+        correct: bool (N,) whether each call was right.
+
+    Returns:
+        (width, {"tried": ..., "p_value": ... of the chosen width}).
+    """
+    from scipy.stats import fisher_exact
+
+    best, best_p = 0.0, None
+    for width in BAND_WIDTHS:
+        inside = distance < width
+        if not inside.any() or inside.all() or inside.mean() > max_share:
+            continue
+        table = [[int((~correct[inside]).sum()), int(correct[inside].sum())],
+                 [int((~correct[~inside]).sum()), int(correct[~inside].sum())]]
+        p_value = float(fisher_exact(table, alternative="greater")[1])  # more errors inside than outside
+        if p_value < alpha:
+            best, best_p = float(width), p_value
+    return best, {"widths_tried": [float(BAND_WIDTHS[0]), float(BAND_WIDTHS[-1]), len(BAND_WIDTHS)],
+                  "max_share": max_share, "alpha": alpha, "p_value": best_p}
+
+
+def indeterminate_band(validation: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                       positive_title: str | None, threshold: float | None) -> dict:
+    """The card's `indeterminate` section: the band chosen on validation, its figures on validation and test.
+
+    Args:
+        validation: (log-odds distance (N,), correct (N,)) of the validation side.
+        test: The same for the test side.
+        positive_title: The thresholded class or group, for the rule's wording.
+        threshold: Its operating threshold, where the output has one.
+    """
+    width, selection = choose_band(*validation)
+    return {"scale": "log-odds", "width": width, "rule": band_rule(width, positive_title, threshold),
+            "chosen_on": "validation",
+            "selection": (f"widest band with at most {BAND_MAX_SHARE:.0%} of validation images inside and accuracy "
+                          f"inside lower than outside (one-sided Fisher exact test, p < {BAND_ALPHA}); none: no band"),
+            **selection, "validation": band_figures(*validation, width), "test": band_figures(*test, width)}
+
+
+def class_band_inputs(targets: np.ndarray, probabilities: np.ndarray, spec: TaskSpec, card: ModelCard
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(log-odds distance, correct) of a model's class calls."""
+    decided = decide(probabilities, spec.labels, card.positive, card.threshold)
+    return decision_distance(probabilities, spec.labels, card.positive, card.threshold), decided == targets
+
+
+def finding_band_inputs(truth: np.ndarray, probability: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(log-odds distance, correct) of one finding's calls at its threshold."""
+    distance = np.abs(log_odds(probability) - log_odds(threshold))
+    return distance, (probability >= threshold) == (truth > 0.5)
 
 
 # ---------------------------------------------------------------- explanations
@@ -224,10 +299,10 @@ def faithfulness(classifier: Classifier, tensors: list[torch.Tensor], classes: l
     return table, heatmaps
 
 
-def randomisation_stages(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def randomisation_stages(model: torch.nn.Module, arch: str) -> list[tuple[str, torch.nn.Module]]:
     """The cascade of Adebayo et al.: the head first, then backbone blocks from the top down."""
     names = {id(module): name for name, module in model.named_modules()}
-    blocks = [head_module(model)] + list(reversed(backbone_blocks(model)))
+    blocks = [head_module(model, arch)] + list(reversed(backbone_blocks(model, arch)))
     return [(names.get(id(block), type(block).__name__), block) for block in blocks]
 
 
@@ -264,7 +339,7 @@ def sanity_check(classifier: Classifier, tensors: list[torch.Tensor], classes: l
     if originals is None:
         originals = {m: [compute_cam(classifier, t, c, m) for t, c in zip(tensors, classes)] for m in METHODS}
     model = copy.deepcopy(classifier.module)
-    cascade = randomisation_stages(model)[:stages]
+    cascade = randomisation_stages(model, classifier.spec.arch)[:stages]
     generator = torch.Generator().manual_seed(seed)
     scratch = Classifier(spec=classifier.spec, card=classifier.card, module=model)
     result: dict = {"stages": [], "methods": {m: [] for m in METHODS}, "images": len(tensors),
@@ -305,6 +380,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--faithfulness-images", type=int, default=60, help="test images for the ROAD table")
     parser.add_argument("--sanity-images", type=int, default=16, help="test images for the randomisation check")
+    parser.add_argument("--only", choices=("indeterminate",), default=None,
+                        help="compute and write only this section (the indeterminate bands: no heatmaps, seconds)")
     parser.add_argument("--dry-run", action="store_true", help="print the sections, do not write the card")
     return parser
 
@@ -312,20 +389,38 @@ def get_args_parser() -> argparse.ArgumentParser:
 def appraise(classifier: Classifier, records: list, args: argparse.Namespace) -> dict:
     """All new card sections for one model (see the module docstring)."""
     spec, card = classifier.spec, classifier.card
-    test_records, raw = card_side(classifier, records, "test", preprocess=False)
-    images = preprocess_pixels(raw, spec)
-    targets, probabilities, finding_truth, finding_probabilities = score_records(classifier, test_records, images=images)
+    every, raw_every, sides = recorded_split(records, spec, card.training.get("config", {}), preprocess=False)
+    scored = {}
+    for side in ("val", "test"):
+        chosen = [i for i, s in enumerate(sides) if s == side]
+        raw = [raw_every[i] for i in chosen]
+        side_records = [every[i] for i in chosen]
+        images = preprocess_pixels(raw, spec)
+        scored[side] = (side_records, raw, images, score_records(classifier, side_records, images=images))
+    test_records, raw, images, (targets, probabilities, finding_truth, finding_probabilities) = scored["test"]
+    val_scores = scored["val"][3]
     predictions = decide(probabilities, spec.labels, card.positive, card.threshold)
     _, groups = group_records(test_records, raw)  # bootstrap units: groups as the split made them (before the steps)
-    sections = {
-        "intervals": bootstrap_intervals(targets, probabilities, predictions, groups, spec, card.positive
-                                         if card.threshold is not None else None, args.resamples),
-        "curves": {"roc": roc_curves(targets, probabilities, spec, card.positive if card.threshold is not None else None),
-                   "reliability": reliability(targets, probabilities)},
-        "indeterminate": indeterminate_band(targets, probabilities, predictions, spec, card.positive, card.threshold),
-    }
+    sections = {"indeterminate": indeterminate_band(class_band_inputs(val_scores.targets, val_scores.probabilities, spec, card),
+                                                    class_band_inputs(targets, probabilities, spec, card),
+                                                    spec.positive_title, card.threshold)}
+    if spec.findings:
+        thresholds = [float(card.findings[name]["threshold"]) for name in spec.findings]
+        sections["finding_bands"] = {
+            name: indeterminate_band(
+                finding_band_inputs(val_scores.finding_targets[:, j], val_scores.finding_probabilities[:, j], thresholds[j]),
+                finding_band_inputs(finding_truth[:, j], finding_probabilities[:, j], thresholds[j]),
+                spec.output_title(name), thresholds[j])
+            for j, name in enumerate(spec.findings)}
+    if args.only == "indeterminate":
+        return sections
+    sections["intervals"] = bootstrap_intervals(targets, probabilities, predictions, groups, spec, card.positive
+                                                if card.threshold is not None else None, args.resamples)
+    sections["curves"] = {"roc": roc_curves(targets, probabilities, spec, card.positive if card.threshold is not None else None),
+                          "reliability": reliability(targets, probabilities)}
     chosen = stratified_sample(targets, args.faithfulness_images)
-    tensors = [pixels_input(images[i], spec) for i in chosen]
+    preset = EvalPreset(spec)
+    tensors = [preset.from_pixels(images[i]).tensor for i in chosen]
     classes = [int(predictions[i]) for i in chosen]
     table, heatmaps = faithfulness(classifier, tensors, classes)
     sanity_n = min(args.sanity_images, len(tensors))
@@ -333,7 +428,6 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
                           originals={m: maps[:sanity_n] for m, maps in heatmaps.items()})
     sections["explanations"] = explanation_summary(table, sanity, len(tensors))
     if spec.findings:
-        thresholds = [float(card.findings[name]["threshold"]) for name in spec.findings]
         sections["finding_intervals"] = finding_intervals(finding_truth, finding_probabilities, thresholds, groups, spec,
                                                           args.resamples)
     return sections
@@ -351,28 +445,32 @@ def main(argv: list[str] | None = None) -> int:
         sections = appraise(classifier, records, args)
     except (ValueError, WeightsError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    interval_text = ", ".join(f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
-                              for k, v in sections["intervals"].items()
-                              if isinstance(v, dict) and v.get("low") is not None)
-    print(f"{spec.key}: {interval_text}")
-    print(f"  indeterminate: {sections['indeterminate']}")
-    table = sections["explanations"]["faithfulness"]["methods"]
-    print("  ROAD: " + ", ".join(f"{m} {v['mean']:+.3f}" for m, v in table.items())
-          + f"; default {sections['explanations']['default_method']}")
-    for method, values in sections["explanations"]["sanity_check"]["methods"].items():
-        print(f"  randomisation {method}: " + " -> ".join(f"{v:.2f}" for v in values))
+    print(f"{spec.key}: indeterminate band: {band_summary(sections['indeterminate'])}")
+    for name, band in sections.get("finding_bands", {}).items():
+        print(f"  finding {name} band: {band_summary(band)}")
+    if "intervals" in sections:
+        print("  " + ", ".join(f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+                               for k, v in sections["intervals"].items() if isinstance(v, dict) and v.get("low") is not None))
+        table = sections["explanations"]["faithfulness"]["methods"]
+        print("  ROAD: " + ", ".join(f"{m} {v['mean']:+.3f}" for m, v in table.items())
+              + f"; default {sections['explanations']['default_method']}")
+        for method, values in sections["explanations"]["sanity_check"]["methods"].items():
+            print(f"  randomisation {method}: " + " -> ".join(f"{v:.2f}" for v in values))
     for name, found in sections.get("finding_intervals", {}).items():
         print(f"  finding {name}: " + ", ".join(f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
                                                for k, v in found.items() if isinstance(v, dict) and v.get("low") is not None))
     if not args.dry_run:
         path = card_path(spec, args.weights)
         card = read_card(path)
-        card.metrics["intervals"] = sections["intervals"]
-        card.metrics["curves"] = sections["curves"]
         card.indeterminate = sections["indeterminate"]
-        card.explanations = sections["explanations"]
+        if "intervals" in sections:
+            card.metrics["intervals"] = sections["intervals"]
+            card.metrics["curves"] = sections["curves"]
+            card.explanations = sections["explanations"]
         for name, found in sections.get("finding_intervals", {}).items():
             card.findings[name]["test"]["intervals"] = found
+        for name, band in sections.get("finding_bands", {}).items():
+            card.findings[name]["indeterminate"] = band
         write_card(card, path)
         print(f"  wrote {path.relative_to(WEIGHTS_DIR.parent) if path.is_relative_to(WEIGHTS_DIR.parent) else path}")
     return 0

@@ -8,7 +8,6 @@ one 0/1 column per finding of a multi-label model; paths relative to the folder)
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import math
 import random
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from core.imaging import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_scan
-from core.preprocess import base_pixels, preprocess_8bit, resize_square
+from core.preprocess import EvalPreset, TrainPreset, apply_steps, eight_bit
 from core.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -421,20 +420,20 @@ def load_pixels(records: list[Record], spec: TaskSpec, preprocess: bool = True) 
     Raises:
         ValueError: Naming the first file that cannot be read.
     """
-    raw_spec = dataclasses.replace(spec, preprocessing=()) if spec.preprocessing and not preprocess else spec
     images = []
     for record in records:
         try:
             scan = read_scan(record.path.read_bytes(), record.path.name)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read training image {record.rel}: {exc}") from None
-        images.append(np.round(base_pixels(scan, raw_spec) * 255.0).astype(np.uint8))
+        image = eight_bit(scan, spec)
+        images.append(apply_steps(image, spec.preprocessing)[0] if preprocess else image)
     return images
 
 
 def preprocess_pixels(images: list[np.ndarray], spec: TaskSpec) -> list[np.ndarray]:
     """The spec's preprocessing steps applied to pixels read with `load_pixels(..., preprocess=False)`."""
-    return [preprocess_8bit(image, spec.preprocessing) for image in images] if spec.preprocessing else images
+    return [apply_steps(image, spec.preprocessing)[0] for image in images] if spec.preprocessing else images
 
 
 def split_pixels(records: list[Record], spec: TaskSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -443,46 +442,11 @@ def split_pixels(records: list[Record], spec: TaskSpec) -> tuple[list[np.ndarray
     return raw, preprocess_pixels(raw, spec)
 
 
-def augment(pixels: np.ndarray, size: int, rng: np.random.Generator, hflip: bool) -> np.ndarray:
-    """Random geometric and intensity augmentation suited to grayscale medical slices.
-
-    Small rotations (+-10 deg), scales (0.9-1.1) and shifts (+-6%), an optional mirror,
-    then contrast, brightness and gamma jitter. The warp also resizes to the model input.
-
-    Args:
-        pixels: float32 (H, W) in [0, 1].
-        size: Output side.
-        rng: Random generator.
-        hflip: Whether mirroring is allowed.
-
-    Returns:
-        float32 (size, size) in [0, 1].
-    """
-    height, width = pixels.shape
-    angle = rng.uniform(-10.0, 10.0)
-    scale = rng.uniform(0.9, 1.1)
-    shift = rng.uniform(-0.06, 0.06, size=2) * size
-    sx, sy = size / width, size / height
-    to_output = np.array([[sx, 0.0, 0.0], [0.0, sy, 0.0], [0.0, 0.0, 1.0]])
-    centre = size / 2.0
-    rotation = cv2.getRotationMatrix2D((centre, centre), angle, scale)
-    rotation[:, 2] += shift
-    matrix = (np.vstack([rotation, [0.0, 0.0, 1.0]]) @ to_output)[:2]
-    if hflip and rng.random() < 0.5:
-        flip = np.array([[-1.0, 0.0, size], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-        matrix = (flip @ np.vstack([matrix, [0.0, 0.0, 1.0]]))[:2]
-    out = cv2.warpAffine(pixels, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    contrast = rng.uniform(0.85, 1.15)
-    brightness = rng.uniform(-0.08, 0.08)
-    out = np.clip((out - 0.5) * contrast + 0.5 + brightness, 0.0, 1.0)
-    gamma = math.exp(rng.uniform(-0.2, 0.2))
-    return np.power(out, gamma, dtype=np.float32)
-
-
 class ScanDataset(Dataset):
-    """In-memory 8-bit images -> (float tensor (1, S, S) in [0, 1], label index, findings (F,)).
+    """In-memory 8-bit images (after the registry's steps) -> (float tensor (1, S, S) in [0, 1], label index, findings (F,)).
 
-    Unnormalised on purpose: `core.preprocess.normalize` runs on the batch, on the device.
+    Training items come from `core.preprocess.TrainPreset` (augmented), the others from
+    `EvalPreset.grey`. Unnormalised on purpose: the presets normalise the batch, on the device.
     `findings` holds the 0/1 finding targets (N, F) of a multi-label model; without it each
     item's findings tensor is empty.
     """
@@ -496,6 +460,7 @@ class ScanDataset(Dataset):
             raise ValueError(f"{len(self.findings)} finding rows for {len(images)} images")
         self.spec = spec
         self.train = train
+        self.train_preset, self.eval_preset = TrainPreset(spec), EvalPreset(spec)
         self.seed = seed
         self.epoch = 0
 
@@ -503,12 +468,10 @@ class ScanDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        pixels = self.images[index].astype(np.float32) / 255.0
         if self.train:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            pixels = augment(pixels, self.spec.input_size, rng, self.spec.hflip)
+            pixels = self.train_preset(self.images[index], np.random.default_rng((self.seed, self.epoch, index)))
         else:
-            pixels = resize_square(pixels, self.spec.input_size)
+            pixels = self.eval_preset.grey(self.images[index])
         return torch.from_numpy(np.ascontiguousarray(pixels))[None], self.targets[index], torch.from_numpy(self.findings[index])
 
 

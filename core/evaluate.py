@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 
 from core.calibration import expected_calibration_error, sensitivity_specificity
 from core.data import SPLITS, Record, ScanDataset, check_labels, finding_targets, load_pixels, read_records, recorded_split
-from core.models import Classifier, WeightsError, load_candidate
-from core.predict import card_probabilities, decide, positive_mask, positive_score
-from core.preprocess import normalize
+from core.decision import card_probabilities, decide, positive_mask, positive_score
+from core.models import Classifier, WeightsError, forward_module, load_candidate
+from core.preprocess import EvalPreset
 from core.tasks import TASKS, TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -139,12 +139,10 @@ def compute_finding_metrics(targets: np.ndarray, probabilities: np.ndarray, thre
 def collect_logits(model: torch.nn.Module, loader: DataLoader, spec: TaskSpec, device: torch.device) -> np.ndarray:
     """Outputs (N, C + F) of a model over a loader of unnormalised (N, 1, S, S) batches."""
     model.eval()
-    outputs = []
-    with torch.inference_mode():
-        for images, *_ in loader:
-            batch = normalize(images.to(device, non_blocking=True), spec).contiguous(memory_format=torch.channels_last)
-            outputs.append(model(batch).float().cpu())
-    return torch.cat(outputs).numpy() if outputs else np.zeros((0, spec.num_outputs), dtype=np.float32)
+    preset = EvalPreset(spec)
+    outputs = [forward_module(model, preset.tensor(images[:, 0].to(device, non_blocking=True))).logits
+               for images, *_ in loader]
+    return np.concatenate(outputs) if outputs else np.zeros((0, spec.num_outputs), dtype=np.float32)
 
 
 class Scores(NamedTuple):
@@ -172,8 +170,9 @@ def score_records(
     findings = finding_targets(records, spec)
     images = load_pixels(records, spec) if images is None else images
     loader = DataLoader(ScanDataset(images, targets, spec, train=False), batch_size=batch_size)
-    with classifier.lock:
-        logits = collect_logits(classifier.module, loader, spec, torch.device("cpu"))
+    preset = EvalPreset(spec)
+    logits = np.concatenate([classifier.runner.logits(preset.tensor(images[:, 0])) for images, *_ in loader]) \
+        if len(images) else np.zeros((0, spec.num_outputs), dtype=np.float32)
     probabilities, finding_probabilities = card_probabilities(logits, spec, classifier.card)
     return Scores(np.asarray(targets), probabilities, findings, finding_probabilities)
 

@@ -1,7 +1,8 @@
 """Class activation maps and overlays: the one place that imports pytorch_grad_cam.
 
-CAM objects register hooks on the shared model, so each request builds its own inside
-`with ... as cam:` (hooks released on exit), holds the model's lock for the whole forward
+CAM objects register hooks on the model they explain, so each request builds its own inside
+`with ... as cam:` (hooks released on exit), on a replica of its own from the model's runner
+(`core.models.Runner.gradients`) for the whole forward
 and backward pass, and turns gradients on for its own thread (grad mode is per thread, and
 Streamlit may call from a thread that runs under inference mode).
 """
@@ -15,9 +16,8 @@ import cv2
 import numpy as np
 import torch
 
+from core.decision import card_probabilities
 from core.models import Classifier, resolve_layer
-from core.predict import card_probabilities
-from core.preprocess import Box
 from core.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,10 @@ def compute_cam(classifier: Classifier, tensor: torch.Tensor, class_index: int, 
     size = classifier.spec.input_size
     if tuple(tensor.shape) != (1, 3, size, size):
         raise ValueError(f"tensor must be (1, 3, {size}, {size}), got {tuple(tensor.shape)}")
-    layer = resolve_layer(classifier.module, classifier.spec.cam_layer)
     cam_class = _cam_class(method)
-    with classifier.lock, torch.inference_mode(False), torch.enable_grad():
-        with cam_class(model=classifier.module, target_layers=[layer]) as cam:
+    with classifier.runner.gradients() as module:
+        layer = resolve_layer(module, classifier.spec.cam_layer)
+        with cam_class(model=module, target_layers=[layer]) as cam:
             heatmap = cam(input_tensor=tensor.clone(), targets=[ClassifierOutputTarget(int(class_index))])
     heatmap = np.nan_to_num(np.asarray(heatmap[0], dtype=np.float32), nan=0.0)
     return np.clip(heatmap, 0.0, 1.0)
@@ -205,7 +205,7 @@ def road_score(classifier: Classifier, tensor: torch.Tensor, heatmap: np.ndarray
 
     For each percentile p, the top p% of pixels by heatmap value are removed and imputed
     (most relevant first, MoRF), and separately the bottom p% (least relevant first, LeRF);
-    all perturbed images go through the model in one batch, under its lock. Ties in a flat
+    all perturbed images go through the model's runner in one batch. Ties in a flat
     heatmap are broken at random, so a constant heatmap scores about 0.
 
     Args:
@@ -236,9 +236,8 @@ def road_score(classifier: Classifier, tensor: torch.Tensor, heatmap: np.ndarray
         count = int(round(size * size * p / 100.0))
         perturbed.append(impute(tensor, rank < count, spec, rng))  # most relevant first
         perturbed.append(impute(tensor, rank >= size * size - count, spec, rng))  # least relevant first
-    with classifier.lock, torch.inference_mode():
-        logits = classifier.module(torch.cat(perturbed).contiguous(memory_format=torch.channels_last))
-    classes, findings = card_probabilities(logits.float().cpu().numpy(), spec, classifier.card)
+    logits = classifier.runner.logits(torch.cat(perturbed))
+    classes, findings = card_probabilities(logits, spec, classifier.card)
     probability = np.concatenate([classes, findings], axis=1)[:, int(class_index)]
     morf = float(np.mean(probability[0] - probability[1::2]))
     lerf = float(np.mean(probability[0] - probability[2::2]))
@@ -267,35 +266,6 @@ class Region:
     box: tuple[float, float, float, float]
     outline: np.ndarray
     area: float
-
-
-def place_in_region(heatmap: np.ndarray, region: Box, shape: tuple[int, int]) -> np.ndarray:
-    """A model-input heatmap put back where the model looked on the whole scan.
-
-    When a preprocessing step crops the scan (`core.preprocess.model_region`), the heatmap covers
-    only that region; outside it the model saw nothing, so the map is 0 there.
-
-    Args:
-        heatmap: float (h, w) in [0, 1], over the model input.
-        region: (top, bottom, left, right) in scan pixels.
-        shape: (H, W) of the scan.
-
-    Returns:
-        float32 (H, W) in [0, 1]; the heatmap itself when the region is the whole scan.
-
-    Raises:
-        ValueError: If the region is empty or falls outside the scan.
-    """
-    top, bottom, left, right = region
-    height, width = shape
-    if not (0 <= top < bottom <= height and 0 <= left < right <= width):
-        raise ValueError(f"region {region} does not lie in a {height} x {width} scan")
-    if (top, bottom, left, right) == (0, height, 0, width):
-        return np.asarray(heatmap, dtype=np.float32)
-    out = np.zeros((height, width), dtype=np.float32)
-    out[top:bottom, left:right] = cv2.resize(np.asarray(heatmap, dtype=np.float32), (right - left, bottom - top),
-                                             interpolation=cv2.INTER_LINEAR)
-    return np.clip(out, 0.0, 1.0)
 
 
 def locate(heatmap: np.ndarray, threshold: float = LOCALISATION_THRESHOLD) -> Region | None:

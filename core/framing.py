@@ -30,8 +30,8 @@ import numpy as np
 from core.data import recorded_split
 from core.evaluate import card_section_parser, compute_metrics, run_card_section
 from core.models import Classifier
-from core.predict import decide
-from core.preprocess import resize_square
+from core.decision import decide
+from core.preprocess import EvalPreset
 from core.shortcuts import batch_probabilities
 from core.tasks import TASKS
 
@@ -117,10 +117,9 @@ def reframed_scores(classifier: Classifier, images: list[np.ndarray], labels: li
     """The model's scores on the test images as they are and re-framed ({variant: n, accuracy, ...})."""
     spec, card = classifier.spec, classifier.card
     targets = np.array([spec.label_index(label) for label in labels])
-    out = {}
+    out, preset = {}, EvalPreset(spec)
     for how in ("as_is", *REFRAMINGS):
-        pixels = [resize_square((img if how == "as_is" else reframe(img, how)).astype(np.float32) / 255.0,
-                                spec.input_size) for img in images]
+        pixels = [preset.grey(img if how == "as_is" else reframe(img, how)) for img in images]
         probabilities = batch_probabilities(classifier, pixels)
         m = compute_metrics(targets, probabilities, decide(probabilities, spec.labels, card.positive, card.threshold), spec)
         out[how] = {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}

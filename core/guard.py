@@ -8,15 +8,16 @@ Two checks, in order:
    images and non-medical images (photos, documents, screenshots). Images whose score falls
    below a threshold set on the validation split are flagged.
 
-Fit and measure with `python -m core.guard --data-root DIR` (see `core.guard_fit`).
+Three outcomes (`judge`): in range (answered), borderline (answered with a warning and the reason),
+out of range (refused with the reason; the reader may still ask to see the output).
+
+Fit and measure with `python -m core.guard_fit --data-root DIR`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +39,9 @@ class GuardStats:
         scale: float32 (D,) feature standard deviation.
         weight: float32 (D,) logistic weights.
         bias: Logistic intercept.
-        threshold: Images with a belonging probability below this are flagged.
+        threshold: Images with a score below this are out of range (refused).
+        borderline: Images with a score below this (and at or above `threshold`) are borderline
+            (answered with a warning); None: no borderline zone.
     """
 
     mean: np.ndarray
@@ -46,6 +49,7 @@ class GuardStats:
     weight: np.ndarray
     bias: float
     threshold: float
+    borderline: float | None = None
 
     def belonging(self, features: np.ndarray) -> np.ndarray:
         """Probability (N,) that each row of features (N, D) is an image this model is for."""
@@ -64,6 +68,7 @@ class GuardStats:
             "weight": torch.from_numpy(np.ascontiguousarray(self.weight, dtype=np.float32)),
             "bias": torch.tensor([self.bias], dtype=torch.float32),
             "threshold": torch.tensor([self.threshold], dtype=torch.float32),
+            **({"borderline": torch.tensor([self.borderline], dtype=torch.float32)} if self.borderline is not None else {}),
         }
 
     @classmethod
@@ -74,6 +79,7 @@ class GuardStats:
             weight=tensors["weight"].numpy(),
             bias=float(tensors["bias"][0]),
             threshold=float(tensors["threshold"][0]),
+            borderline=float(tensors["borderline"][0]) if "borderline" in tensors else None,
         )
 
 
@@ -113,36 +119,67 @@ def plane_mismatch(scan: Scan, spec: TaskSpec) -> str | None:
             f"only, so its output on a {plane} slice has not been tested.")
 
 
-def explain_flag(spec: TaskSpec, belonging: float) -> str:
-    """The message for an image-level flag."""
-    return (
-        f"this image does not look like the images this model was trained on ({spec.trained_on}); "
-        f"estimated probability that it belongs here: {belonging:.0%}. It may be another modality, "
-        "another body part, another population, a photo or a document"
-    )
+OUTCOMES: tuple[str, ...] = ("in_range", "borderline", "out_of_range")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Fit and measure the models' wrong-input guards.")
-    parser.add_argument("--data-root", required=True, type=Path, help="folder holding every task's data folder")
-    parser.add_argument("--task", action="append", default=None, help="registry key (repeatable; default: all)")
-    parser.add_argument("--fit-images", type=int, default=1500, help="own training images used to fit (seeded sample)")
-    parser.add_argument("--other-images", type=int, default=400, help="training images per other task used to fit")
-    parser.add_argument("--test-images", type=int, default=300, help="test images per other task used to measure")
-    parser.add_argument("--weights-dir", type=Path, default=None, help="default: the bundled weights folder")
-    parser.add_argument("--non-medical-weight", type=float, default=None,
-                        help="weight of each photo / document among the negatives, relative to a scan (default 10)")
-    return parser
+@dataclass(frozen=True)
+class GuardVerdict:
+    """Whether a scan belongs to the model: in range (answer), borderline (answer with a warning), or
+    out of range (refused, with the reason; the reader may still ask to see the output).
+
+    Attributes:
+        outcome: One of `OUTCOMES`.
+        reason: What the reader is told (None when in range).
+        score: The image-level similarity score in [0, 1], where it was computed.
+        threshold: Scores below it are out of range.
+        borderline: Scores below it (and at or above `threshold`) are borderline.
+    """
+
+    outcome: str
+    reason: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+    borderline: float | None = None
+
+    @classmethod
+    def passed(cls) -> "GuardVerdict":
+        """In range, with no score (no guard, or nothing to check)."""
+        return cls("in_range")
+
+    @property
+    def refused(self) -> bool:
+        """Out of range: the scan is not classified unless the reader asks."""
+        return self.outcome == "out_of_range"
+
+    @property
+    def warned(self) -> bool:
+        """Borderline: answered, with a visible warning."""
+        return self.outcome == "borderline"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from core.guard_fit import fit_all
+def judge(stats: GuardStats | None, score: float | None, spec: TaskSpec, tag_reason: str | None = None) -> GuardVerdict:
+    """The verdict for one scan: a DICOM tag mismatch first, then the image-level score against the thresholds.
 
-    parser = get_args_parser()
-    fit_all(parser.parse_args(argv), argv)
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    raise SystemExit(main())
+    The message names the score and the thresholds in words: the score says how much the image
+    resembles this model's training images against other tasks' scans, photos and documents
+    (a score, not the probability that the answer is right).
+    """
+    if tag_reason is not None:
+        return GuardVerdict("out_of_range", tag_reason + ".")
+    if stats is None or score is None:
+        return GuardVerdict.passed()
+    threshold = stats.threshold
+    borderline = max(stats.borderline or threshold, threshold)
+    resemblance = (f"its resemblance to this model's training images ({spec.trained_on}) scores {score:.0%} on a "
+                   f"0-100% scale set against other scans, photos and documents")
+    if score < threshold:
+        return GuardVerdict("out_of_range", (
+            f"This image is outside what the model was trained on: {resemblance}; images scoring below "
+            f"{threshold:.0%} are not classified. It may be another modality, body part or population, a photo or "
+            "a document."), score, threshold, borderline)
+    if score < borderline:
+        return GuardVerdict("borderline", (
+            f"This image is at the edge of what the model was trained on: {resemblance}; most of the model's own "
+            f"held-out scans score above {borderline:.0%} (below {threshold:.0%} an image is refused). Read the "
+            "output with extra care."), score, threshold, borderline)
+    return GuardVerdict("in_range", None, score, threshold, borderline)

@@ -26,8 +26,7 @@ from core.data import ScanDataset, read_records, recorded_split
 from core.guard import VAL_QUANTILE, GuardStats
 from core.imaging import ScanError, read_scan
 from core.models import WEIGHTS_DIR, Classifier, load_model, sha256_file
-from core.predict import forward
-from core.preprocess import base_pixels, normalize
+from core.preprocess import EvalPreset, apply_steps, eight_bit
 from core.tasks import TASKS, get_task
 
 logger = logging.getLogger("core.guard")
@@ -43,7 +42,8 @@ def features_of(classifier: Classifier, images: list[np.ndarray], batch_size: in
     """Pooled penultimate features (N, D) of 8-bit model pixels, exactly as at inference."""
     spec = classifier.spec
     loader = DataLoader(ScanDataset(images, [0] * len(images), spec, train=False), batch_size=batch_size)
-    rows = [forward(classifier, normalize(batch, spec))[1] for batch, *_ in loader]
+    preset = EvalPreset(spec)
+    rows = [classifier.runner.run(preset.tensor(batch[:, 0])).features for batch, *_ in loader]
     return np.concatenate(rows) if rows else np.zeros((0, 1), dtype=np.float32)
 
 
@@ -59,7 +59,7 @@ def _to_model_pixels(array: np.ndarray, spec) -> np.ndarray | None:
         scan = read_scan(buffer.getvalue(), "upload.png")
     except ScanError:
         return None
-    return np.round(base_pixels(scan, spec) * 255).astype(np.uint8)
+    return apply_steps(eight_bit(scan, spec), spec.preprocessing)[0]
 
 
 def photo_arrays(names: tuple[str, ...], seed: int = 0, crops: int = 4) -> list[np.ndarray]:

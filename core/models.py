@@ -7,27 +7,28 @@ everything else as fp32, so a MobileNetV2 file is about 3.5 MB.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from core import threads
 from core.cards import ModelCard, check_card, read_card
 from core.guard import GuardStats
-from core.tasks import TaskSpec
+from core.tasks import TaskSpec, get_backbone
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-ARCHS: tuple[str, ...] = ("mobilenet_v2", "squeezenet1_1", "resnet18", "efficientnet_b0", "densenet121")
-# The last convolutional block of each backbone: where Grad-CAM hooks by default.
-CAM_LAYERS: dict[str, str] = {"mobilenet_v2": "features.18", "squeezenet1_1": "features.12", "resnet18": "layer4",
-                              "efficientnet_b0": "bn2", "densenet121": "features.norm5"}
 QUANT_FORMAT = "int8-per-channel"
 _QUANT_MIN_NUMEL = 1024
 
@@ -36,20 +37,112 @@ class WeightsError(RuntimeError):
     """A weights file or card that is missing, corrupt or does not match the registry."""
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """One forward pass: network outputs and the pooled features the head read.
+
+    Attributes:
+        logits: float32 (N, C + F): the classes' logits, then one per finding.
+        features: float32 (N, D): the head's input, pooled (what the wrong-input guard scores).
+    """
+
+    logits: np.ndarray
+    features: np.ndarray
+
+
+class Runner:
+    """The one way a loaded model is run: a pool of replicas, the thread policy, inference mode, channels-last.
+
+    Grad-CAM registers hooks on the module it explains, so a module serves one computation at a
+    time. Concurrent requests take separate replicas (a copy is made the first time every
+    existing one is busy, up to the policy's concurrency), and `core.threads.slot` bounds how many
+    computations run at once across all models and gives each its share of the cores.
+    """
+
+    def __init__(self, module: nn.Module, head: str, max_replicas: int | None = None) -> None:
+        self.head = head
+        self._free: list[nn.Module] = [module]
+        self._made = 1
+        self._max = max_replicas or threads.policy().concurrency
+        self._condition = threading.Condition()
+        self.primary = module
+
+    @contextmanager
+    def replica(self) -> Iterator[nn.Module]:
+        """A module no other computation uses until the block ends, inside a computation slot."""
+        with self._condition:
+            while not self._free and self._made >= self._max:
+                self._condition.wait()
+            if self._free:
+                module = self._free.pop()
+            else:
+                with torch.inference_mode(False):  # a copy made under inference mode could not be explained
+                    module = copy.deepcopy(self.primary)
+                self._made += 1
+        try:
+            with threads.slot():
+                yield module
+        finally:
+            with self._condition:
+                self._free.append(module)
+                self._condition.notify()
+
+    def run(self, batch: torch.Tensor) -> Outputs:
+        """Network outputs and pooled head-input features of a normalised batch (N, 3, S, S), in one pass."""
+        with self.replica() as module:
+            return forward_module(module, batch, self.head)
+
+    def logits(self, batch: torch.Tensor) -> np.ndarray:
+        """Only the network outputs (N, C + F) of a normalised batch."""
+        with self.replica() as module:
+            return forward_module(module, batch).logits
+
+    @contextmanager
+    def gradients(self) -> Iterator[nn.Module]:
+        """A replica with gradients on, for explanations (grad mode is per thread; the caller may be in inference mode)."""
+        with self.replica() as module, torch.inference_mode(False), torch.enable_grad():
+            yield module
+
+
+def forward_module(module: nn.Module, batch: torch.Tensor, head: str | None = None) -> Outputs:
+    """Outputs of `module` for a batch, in inference mode, channels-last; with `head`, also its pooled input features.
+
+    The features are caught by a hook on the head's input: the same pass, no second forward.
+    Without `head` the features are empty (N, 0).
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep_input(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        features = inputs[0]
+        captured.append(features.mean(dim=(2, 3)) if features.ndim == 4 else features.flatten(1))
+
+    with torch.inference_mode():
+        handle = resolve_layer(module, head).register_forward_pre_hook(keep_input) if head else None
+        try:
+            logits = module(batch.contiguous(memory_format=torch.channels_last))
+        finally:
+            if handle is not None:
+                handle.remove()
+    features = captured[0].float().cpu().numpy() if captured else np.zeros((len(logits), 0), dtype=np.float32)
+    return Outputs(logits.float().cpu().numpy(), features)
+
+
 @dataclass
 class Classifier:
-    """A loaded model with its spec and card.
+    """A loaded model with its spec, card, wrong-input guard and runner (shared across sessions and threads).
 
-    The module is shared across app sessions and threads; every forward pass (prediction
-    and CAM) must hold `lock`, because CAM hooks registered by one request would otherwise
-    see another request's activations.
+    Run it through `runner` only: it owns the replicas, the thread policy and inference mode.
+    `module` is the primary replica (read-only use: layer names, parameters).
     """
 
     spec: TaskSpec
     card: ModelCard
     module: nn.Module
     guard: "GuardStats | None" = None
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    runner: Runner = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.runner = Runner(self.module, self.spec.backbone.head)
 
 
 def build_model(spec: TaskSpec, pretrained: str | None = None, arch: str | None = None) -> nn.Module:
@@ -68,12 +161,11 @@ def build_model(spec: TaskSpec, pretrained: str | None = None, arch: str | None 
         ValueError: For an unknown architecture.
         WeightsError: If a local pretrained file does not fit the architecture.
     """
-    arch = arch or spec.arch
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
+    backbone = get_backbone(arch or spec.arch)
+    arch = backbone.name
     n = spec.num_outputs
     hub = pretrained == "hub"
-    if arch in ("mobilenet_v2", "squeezenet1_1"):
+    if backbone.library == "torchvision":
         import torchvision
 
         weights = "DEFAULT" if hub else None
@@ -89,7 +181,7 @@ def build_model(spec: TaskSpec, pretrained: str | None = None, arch: str | None 
 
         model = timm.create_model(arch, pretrained=hub, num_classes=n)
         if pretrained and not hub:
-            _load_backbone_file(model, Path(pretrained), skip=("classifier.", "fc.", "head."))
+            _load_backbone_file(model, Path(pretrained), skip=(f"{backbone.head}.",))
     return model
 
 
@@ -291,9 +383,7 @@ def recipe_spec(spec: TaskSpec, arch: str | None = None, preprocessing: tuple[st
     """
     changes: dict = {}
     if arch is not None and arch != spec.arch:
-        if arch not in CAM_LAYERS:
-            raise ValueError(f"unknown arch {arch!r}; one of {', '.join(CAM_LAYERS)}")
-        changes.update(arch=arch, cam_layer=CAM_LAYERS[arch])
+        changes.update(arch=arch, cam_layer=get_backbone(arch).cam_layer)
     if preprocessing is not None:
         changes["preprocessing"] = tuple(preprocessing)
     return dataclasses.replace(spec, **changes) if changes else spec
@@ -340,24 +430,19 @@ def load_guard(card: ModelCard, folder: Path) -> GuardStats | None:
         raise WeightsError(f"{name} is not a valid guard file ({type(exc).__name__}: {exc})") from None
 
 
-def head_module(model: nn.Module) -> nn.Module:
-    """The classification head (the part replaced for our classes); its input is the pooled feature."""
-    for name in ("classifier", "fc", "head"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    raise ValueError(f"no classifier head found on {type(model).__name__}")
+def head_module(model: nn.Module, arch: str) -> nn.Module:
+    """The classification head (the part replaced for our outputs); its input is the pooled feature."""
+    return resolve_layer(model, get_backbone(arch).head)
 
 
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
     """Parameters of the classification head."""
-    return list(head_module(model).parameters())
+    return list(head_module(model, arch).parameters())
 
 
-def backbone_blocks(model: nn.Module) -> list[nn.Module]:
+def backbone_blocks(model: nn.Module, arch: str) -> list[nn.Module]:
     """The backbone's stages in input-to-output order, for staged unfreezing."""
-    features = getattr(model, "features", None)
-    if isinstance(features, nn.Sequential):
-        return list(features)
-    head_ids = {id(p) for p in head_parameters(model)}
-    return [m for m in model.children() if not any(id(p) in head_ids for p in m.parameters())]
+    backbone = get_backbone(arch)
+    if backbone.blocks:
+        return list(resolve_layer(model, backbone.blocks))
+    return [module for name, module in model.named_children() if name != backbone.head]

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.cards import ModelCard
-from core.predict import Prediction
-from core.tasks import positive_title
+from core.decision import Prediction
+from core.tasks import get_task
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,13 +53,6 @@ class ReportContent:
     method: str
     faithfulness: str | None = None
     notes: tuple[str, ...] = ()
-
-
-def _decision_text(prediction: Prediction) -> str:
-    p = float(prediction.probabilities[prediction.index])
-    if prediction.uncertain:
-        return f"Uncertain (likelier: {prediction.label}, {p:.1%}; inside the indeterminate band)"
-    return f"{prediction.label} ({p:.1%})"
 
 
 def render_pdf(content: ReportContent, when: datetime | None = None) -> bytes:
@@ -113,14 +106,15 @@ def report_figure(content: ReportContent, when: datetime) -> Figure:
         chart.text(min(v + 0.01, 0.9), i, f"{v:.1%}", va="center", fontsize=8)
     if prediction.threshold is not None:
         chart.axvline(prediction.threshold, linestyle="--", color="black", linewidth=1)
-    lines = [f"Model output: {_decision_text(prediction)}"]
+    lines = [f"Model output: {prediction.headline_text()}"
+             + (" (inside the indeterminate band)" if prediction.uncertain else "")]
     if prediction.threshold is not None:
         at = card.metrics.get("at_threshold", {})
         sens, spec = at.get("sensitivity"), at.get("specificity")
         figures = f" (held-out sensitivity {sens:.3f}, specificity {spec:.3f})" if sens is not None and spec is not None else ""
-        lines.append(f"Operating threshold: {positive_title(prediction.positive)} at {prediction.threshold:.3f}{figures}")
-    if prediction.flag:
-        lines.append(f"Wrong-input guard: {prediction.flag}")
+        lines.append(f"Operating threshold: {get_task(card.key).positive_title} at {prediction.threshold:.3f}{figures}")
+    if prediction.guard.reason:
+        lines.append(f"Wrong-input guard ({prediction.guard.outcome.replace('_', ' ')}): {prediction.guard.reason}")
     if content.faithfulness:
         lines.append(content.faithfulness)
     lines.extend(content.notes)

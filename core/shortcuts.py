@@ -33,9 +33,9 @@ from core.appraisal import stratified_sample
 from core.data import preprocess_pixels
 from core.evaluate import card_section_parser, card_side, compute_metrics, run_card_section
 from core.explain import DEFAULT_METHOD, METHODS, compute_cam
+from core.decision import card_probabilities, decide
 from core.models import Classifier
-from core.predict import card_probabilities, decide, forward
-from core.preprocess import Box, normalize, resize_square, steps_region
+from core.preprocess import Box, EvalPreset, apply_steps
 from core.tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ def variant(pixels: np.ndarray, mask: np.ndarray, name: str) -> np.ndarray:
 def batch_probabilities(classifier: Classifier, batch_pixels: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
     """Calibrated class probabilities (N, C) of model-sized pixel arrays (S, S) in [0, 1]."""
     spec, out = classifier.spec, []
+    preset = EvalPreset(spec)
     for start in range(0, len(batch_pixels), batch_size):
-        chunk = torch.from_numpy(np.stack(batch_pixels[start:start + batch_size]))[:, None]
-        logits, _ = forward(classifier, normalize(chunk, spec).contiguous(memory_format=torch.channels_last))
+        logits = classifier.runner.logits(preset.tensor(np.stack(batch_pixels[start:start + batch_size])))
         out.append(card_probabilities(logits, spec, classifier.card)[0])
     return np.concatenate(out) if out else np.zeros((0, spec.num_classes))
 
@@ -108,7 +108,8 @@ def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], c
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}")
     targets = np.asarray([spec.label_index(label) for label in labels])
-    base = [resize_square(img.astype(np.float32) / 255.0, spec.input_size) for img in images]
+    preset = EvalPreset(spec)
+    base = [preset.grey(img) for img in images]
     if regions is None:
         masks = [lung_mask(spec.input_size)] * len(base)
     else:
@@ -122,7 +123,7 @@ def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], c
         logger.info("%s %s: %s", spec.key, name, scores[name])
     inside = []
     for i in stratified_sample(targets, cam_images):
-        tensor = normalize(torch.from_numpy(base[i])[None, None], spec)
+        tensor = preset.tensor(base[i][None])
         heatmap = compute_cam(classifier, tensor, int(decided["original"][i]), method)
         if heatmap.sum() > 0:
             inside.append(float((heatmap * masks[i]).sum() / heatmap.sum()))
@@ -157,7 +158,7 @@ def format_audit(section: dict, key: str) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = card_section_parser("Shortcut audit of a chest X-ray model on its card's test split.",
-                                 [k for k in TASKS if k.startswith("cxr")], "shortcuts")
+                                 [k for k, spec in TASKS.items() if "lungs" in spec.audits], "shortcuts")
     parser.add_argument("--cam-images", type=int, default=60)
     return parser
 
@@ -166,8 +167,9 @@ def audit_test_side(classifier: Classifier, records: list, args: argparse.Namesp
     """The audit on the test side of the split the model's card recorded."""
     spec = classifier.spec
     test_records, raw = card_side(classifier, records, "test", preprocess=False)
-    regions = [(steps_region(image, spec.preprocessing), image.shape) for image in raw] if spec.preprocessing else None
-    return audit(classifier, preprocess_pixels(raw, spec), [r.label for r in test_records], args.cam_images,
+    prepared = [apply_steps(image, spec.preprocessing) for image in raw]
+    regions = [(region, image.shape) for (_, region), image in zip(prepared, raw)] if spec.preprocessing else None
+    return audit(classifier, [pixels for pixels, _ in prepared], [r.label for r in test_records], args.cam_images,
                  regions=regions)
 
 

@@ -11,10 +11,68 @@ from dataclasses import dataclass
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-# (centre, width) in Hounsfield units.
+# CT windows, (centre, width) in Hounsfield units: the ones the CT training images were exported in
+# (each CT model re-windows DICOM input with its own), and the viewer's display presets.
 LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
 MEDIASTINUM_WINDOW: tuple[float, float] = (40.0, 350.0)
 BRAIN_WINDOW: tuple[float, float] = (40.0, 80.0)
+CT_WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "Lung": LUNG_WINDOW,
+    "Mediastinum": (40.0, 400.0),
+    "Bone": (400.0, 1800.0),
+    "Brain": BRAIN_WINDOW,
+    "Subdural": (75.0, 215.0),
+}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How one backbone is built and where its parts are (timm's `pretrained_cfg` in spirit).
+
+    Attributes:
+        name: Architecture name (`TaskSpec.arch`).
+        library: "torchvision" or "timm": who builds it (`core.models.build_model`).
+        cam_layer: Dotted path of the last convolutional block: Grad-CAM's default layer.
+        head: Attribute of the classification head that is replaced for our outputs.
+        blocks: Dotted path of the Sequential of stages, input to output, for staged unfreezing;
+            "" for the model's top-level children other than the head.
+        stride: Down-sampling factor of `cam_layer`: its grid is input_size / stride cells a side.
+    """
+
+    name: str
+    library: str
+    cam_layer: str
+    head: str
+    blocks: str
+    stride: int
+
+    def cam_grid(self, input_size: int) -> int:
+        """Cells per side of the CAM layer's map for a square input of `input_size` pixels."""
+        return max(1, -(-input_size // self.stride))
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("mobilenet_v2", "torchvision", cam_layer="features.18", head="classifier", blocks="features", stride=32),
+        Backbone("squeezenet1_1", "torchvision", cam_layer="features.12", head="classifier", blocks="features", stride=16),
+        Backbone("resnet18", "timm", cam_layer="layer4", head="fc", blocks="", stride=32),
+        Backbone("efficientnet_b0", "timm", cam_layer="bn2", head="classifier", blocks="", stride=32),
+        Backbone("densenet121", "timm", cam_layer="features.norm5", head="classifier", blocks="features", stride=32),
+    )
+}
+
+
+def get_backbone(arch: str) -> Backbone:
+    """The backbone table's entry for an architecture.
+
+    Raises:
+        ValueError: If the architecture is unknown; the message lists the known ones.
+    """
+    try:
+        return BACKBONES[arch]
+    except KeyError:
+        raise ValueError(f"unknown arch {arch!r}; one of {', '.join(BACKBONES)}") from None
 
 
 # Image preprocessing steps a spec may name, applied in this order to the 8-bit model pixels
@@ -25,6 +83,10 @@ PREPROCESSING_STEPS: dict[str, str] = {
     "clahe": "contrast-limited adaptive histogram equalisation (clip 2.0, 8 x 8 tiles): one contrast for every device",
 }
 
+# Audits a spec may declare (`TaskSpec.audits`): "lungs" is the chest X-ray shortcut audit (`core.lab.shortcuts`).
+AUDITS: dict[str, str] = {
+    "lungs": "scores with the lung fields blanked out and with only the lung fields kept; CAM mass in the lungs",
+}
 
 
 def describe_preprocessing(steps: tuple[str, ...] | list[str]) -> str:
@@ -33,20 +95,9 @@ def describe_preprocessing(steps: tuple[str, ...] | list[str]) -> str:
     return "; ".join(f"{names.get(step, step)}: {PREPROCESSING_STEPS.get(step, 'unknown step')}" for step in steps) or "none"
 
 
-POSITIVE_GROUPS: dict[str, str] = {"bacterial+viral": "pneumonia"}  # names of thresholded groups of classes
-
-
 def positive_classes(positive: str) -> tuple[str, ...]:
     """The classes a `positive` value names: one, or several joined by "+"."""
     return tuple(positive.split("+"))
-
-
-def positive_title(positive: str | None) -> str | None:
-    """A thresholded class as it is, a group as "name (a + b)"."""
-    if positive is None or "+" not in positive:
-        return positive
-    members = " + ".join(positive_classes(positive))
-    return f"{POSITIVE_GROUPS[positive]} ({members})" if positive in POSITIVE_GROUPS else members
 
 
 @dataclass(frozen=True)
@@ -62,11 +113,13 @@ class TaskSpec:
             joined by "+" (e.g. "bacterial+viral": their summed probability is thresholded, and at
             or above the threshold the likelier of them is called): at or above
             the card's threshold the model calls it, below it the likeliest other class.
-        arch: Backbone name understood by `core.models.build_model`.
+        positive_name: What a positive group is called ("pneumonia" for "bacterial+viral"): the headline
+            the pages give when the group is called. None for a single positive class (its own name).
+        arch: Backbone name, a key of `BACKBONES` (builder, CAM layer, head, blocks, grid).
         input_size: Side of the square model input in pixels.
         mean: Per-channel normalisation mean (the grayscale scan is repeated to 3 channels).
         std: Per-channel normalisation standard deviation.
-        cam_layer: Dotted path of the module Grad-CAM hooks (a conv block output).
+        cam_layer: Dotted path of the module Grad-CAM hooks; default the backbone's last block.
         data_folder: Folder name under the data root that holds this model's images.
         modalities: DICOM Modality values this model is meant for.
         trained_on: One line saying what population and images the model learned from.
@@ -86,6 +139,7 @@ class TaskSpec:
             its modalities (`core.guard.BODY_PARTS`).
         preprocessing: Steps of `PREPROCESSING_STEPS`, in order, applied to the 8-bit grayscale image
             before resizing, the same way at training and in the app.
+        audits: Audits of `AUDITS` that apply to this model (e.g. "lungs" for chest X-rays).
     """
 
     key: str
@@ -93,16 +147,17 @@ class TaskSpec:
     page: str
     labels: tuple[str, ...]
     positive: str | None
-    arch: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    cam_layer: str
     data_folder: str
     modalities: tuple[str, ...]
     trained_on: str
     source: str
     licence: str
+    arch: str = "mobilenet_v2"
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    cam_layer: str = ""
+    positive_name: str | None = None
     limitations: tuple[str, ...] = ()
     ct_window: tuple[float, float] | None = None
     hflip: bool = True
@@ -111,8 +166,17 @@ class TaskSpec:
     finding_titles: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
     preprocessing: tuple[str, ...] = ()
+    audits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        backbone = get_backbone(self.arch)
+        if not self.cam_layer:
+            object.__setattr__(self, "cam_layer", backbone.cam_layer)
+        unknown_audits = [audit for audit in self.audits if audit not in AUDITS]
+        if unknown_audits:
+            raise ValueError(f"{self.key}: unknown audits {unknown_audits}; known: {', '.join(AUDITS)}")
+        if self.positive_name is not None and (self.positive is None or "+" not in self.positive):
+            raise ValueError(f"{self.key}: positive_name names a group; positive {self.positive!r} is not one")
         unknown = [step for step in self.preprocessing if step not in PREPROCESSING_STEPS]
         if unknown:
             raise ValueError(f"{self.key}: unknown preprocessing {unknown}; known: {', '.join(PREPROCESSING_STEPS)}")
@@ -124,9 +188,34 @@ class TaskSpec:
             raise ValueError(f"{self.key}: a finding may not share a name with a class")
 
     @property
+    def backbone(self) -> Backbone:
+        """The backbone table's entry for `arch`."""
+        return BACKBONES[self.arch]
+
+    @property
+    def cam_grid(self) -> int:
+        """Cells per side of the default CAM layer's map (7 for a stride-32 layer at 224 px)."""
+        return self.backbone.cam_grid(self.input_size) if self.cam_layer == self.backbone.cam_layer else 0
+
+    @property
+    def positive_classes(self) -> tuple[str, ...]:
+        """The classes the thresholded positive covers (empty without one)."""
+        return positive_classes(self.positive) if self.positive else ()
+
+    @property
+    def positive_label(self) -> str | None:
+        """The positive's short name: the class, or the group's name ("pneumonia")."""
+        if self.positive is None:
+            return None
+        return self.positive_name or " + ".join(self.positive_classes)
+
+    @property
     def positive_title(self) -> str | None:
         """How the pages name the thresholded class or group ("pneumonia (bacterial + viral)")."""
-        return positive_title(self.positive)
+        if self.positive is None or "+" not in self.positive:
+            return self.positive
+        members = " + ".join(self.positive_classes)
+        return f"{self.positive_name} ({members})" if self.positive_name else members
 
     @property
     def num_classes(self) -> int:
@@ -170,14 +259,6 @@ class TaskSpec:
         return self.labels.index(label)
 
 
-_MOBILENET = dict(
-    arch="mobilenet_v2",
-    input_size=224,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    cam_layer="features.18",
-)
-
 TASKS: dict[str, TaskSpec] = {
     spec.key: spec
     for spec in (
@@ -197,7 +278,6 @@ TASKS: dict[str, TaskSpec] = {
                 "no_tumor images come mostly from Br35H (other sizes and sequences): image source partly predicts the class.",
                 "Single 2-D slices only; not a volumetric read.",
             ),
-            **_MOBILENET,
         ),
         TaskSpec(
             key="cxr_pneumonia",
@@ -205,10 +285,12 @@ TASKS: dict[str, TaskSpec] = {
             page="Chest X-ray",
             labels=("normal", "bacterial", "viral"),
             positive="bacterial+viral",
+            positive_name="pneumonia",
             data_folder="cxr_pneumonia",
             modalities=("CR", "DX"),
             trained_on="Pediatric chest X-rays (children aged 1-5, Guangzhou; Kermany et al. 2018)",
             hflip=False,
+            audits=("lungs",),
             source="Kermany et al. 2018, pediatric chest X-rays, Guangzhou Women and Children's Medical Center",
             licence="CC BY 4.0",
             limitations=(
@@ -216,7 +298,6 @@ TASKS: dict[str, TaskSpec] = {
                 "Images were squashed to 224 x 224 before training; aspect ratio information is lost.",
                 "Bacterial vs viral is hard even for radiologists; expect confusion between them.",
             ),
-            **_MOBILENET,
         ),
         TaskSpec(
             key="cxr_covid",
@@ -228,6 +309,7 @@ TASKS: dict[str, TaskSpec] = {
             modalities=("CR", "DX"),
             trained_on="Adult chest X-rays (COVID-19 Radiography Database; normals from the RSNA challenge)",
             hflip=False,
+            audits=("lungs",),
             source="COVID-19 Radiography Database (Chowdhury et al. 2020, Rahman et al. 2021); normals from the RSNA pneumonia challenge",
             licence="as published by the database's contributing collections (see its Kaggle page)",
             limitations=(
@@ -238,7 +320,6 @@ TASKS: dict[str, TaskSpec] = {
                 "not the film's edges, labels and markers, and cannot see findings at the very edge.",
             ),
             preprocessing=("border_crop",),
-            **_MOBILENET,
         ),
         TaskSpec(
             key="ct_covid",
@@ -257,7 +338,6 @@ TASKS: dict[str, TaskSpec] = {
                 "Very small data set (about 540 slices) of figure crops of mixed quality: wide uncertainty.",
                 "Slices, not volumes; some images carry text or arrows from papers.",
             ),
-            **_MOBILENET,
         ),
         TaskSpec(
             key="ct_cancer",
@@ -277,7 +357,6 @@ TASKS: dict[str, TaskSpec] = {
                 "Benign is the small class (about 100 slices).",
                 "Trained on a soft-tissue window: DICOM input is windowed the same way for the model.",
             ),
-            **_MOBILENET,
         ),
         TaskSpec(
             key="head_ct",
@@ -302,12 +381,12 @@ TASKS: dict[str, TaskSpec] = {
                 "Single 2-D slices, not a volume: the page reads one slice at a time.",
                 "Subtype outputs rest on a handful of patients each (subarachnoid and intraventricular on very few).",
             ),
-            **_MOBILENET,
         ),
     )
 }
 
-PAGES: tuple[str, ...] = ("Brain MRI", "Chest X-ray", "Lung CT", "Head CT")
+# The app's task pages, in registry order: derived from the specs, never listed by hand.
+PAGES: tuple[str, ...] = tuple(dict.fromkeys(spec.page for spec in TASKS.values()))
 
 
 def get_task(key: str) -> TaskSpec:

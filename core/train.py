@@ -87,8 +87,8 @@ from core.models import (
     save_weights,
     sha256_file,
 )
-from core.predict import decide, positive_mask, positive_score
-from core.preprocess import normalize
+from core.decision import decide, positive_mask, positive_score
+from core.preprocess import EvalPreset
 from core.tasks import PREPROCESSING_STEPS, TASKS, TaskSpec, get_task
 
 logger = logging.getLogger("core.train")
@@ -277,13 +277,13 @@ def make_loaders(spec: TaskSpec, split: Split, args: argparse.Namespace, runtime
     return loaders
 
 
-def set_stage(model: nn.Module, unfreeze: int | None, freeze_bn: bool) -> list[dict]:
+def set_stage(model: nn.Module, arch: str, unfreeze: int | None, freeze_bn: bool) -> list[dict]:
     """Freeze all but the head and the last `unfreeze` blocks (None: all); return param groups."""
-    head = head_parameters(model)
+    head = head_parameters(model, arch)
     head_ids = {id(p) for p in head}
     for p in model.parameters():
         p.requires_grad = id(p) in head_ids
-    blocks = backbone_blocks(model)
+    blocks = backbone_blocks(model, arch)
     trainable = blocks if unfreeze is None else blocks[len(blocks) - unfreeze:] if unfreeze > 0 else []
     backbone = [p for block in trainable for p in block.parameters()]
     for p in backbone:
@@ -352,6 +352,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     pos_weight = finding_pos_weight(loader.sampler, loader.dataset.findings) if spec.findings else None
     criterion = OutputLoss(spec.num_classes, pos_weight.to(runtime.device) if pos_weight is not None else None)
     device = runtime.device
+    preset = EvalPreset(spec)
     use_amp = device.type == "cuda"
     total, count = 0.0, 0
     progress = tqdm(loader, desc=desc, mininterval=5, leave=False, file=sys.stderr, disable=None if runtime.main else True)
@@ -359,7 +360,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     asked = started
     for images, targets, findings in progress:
         waited += time.perf_counter() - asked
-        batch = normalize(images.to(device, non_blocking=True), spec).contiguous(memory_format=torch.channels_last)
+        batch = preset.tensor(images[:, 0].to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         findings = findings.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -409,7 +410,7 @@ def run_stage(model: nn.Module, loaders: dict[str, DataLoader], spec: TaskSpec, 
     """Train for up to `epochs`, keeping the state with the best validation score (`--select`)."""
     if epochs <= 0:
         return
-    groups = set_stage(model, unfreeze, freeze_bn)
+    groups = set_stage(model, spec.arch, unfreeze, freeze_bn)
     net = wrap_for_training(model, runtime)  # after freezing: DDP syncs the parameters that train in this stage
     groups[1]["lr"] = args.lr * args.backbone_lr_scale
     groups = [g for g in groups if g["params"]]

@@ -1,8 +1,10 @@
 """Test-time augmentation: how much a prediction moves when the scan is shifted a little.
 
 The views are drawn from the same augmentation the model was trained with
-(`core.data.augment`: small rotations, scales, shifts, mirrors where allowed, contrast,
-brightness and gamma), from a fixed seed so the same upload always gives the same spread.
+(`core.preprocess.TrainPreset`: small rotations, scales, shifts, mirrors where allowed, contrast,
+brightness and gamma), at the model's input resolution (a large, finely textured scan resampled
+from its full size would alias differently in every view), from a fixed seed so the same upload
+always gives the same spread.
 A model that changes its call under such views is unsure, whatever its probability says.
 """
 
@@ -13,11 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from core.data import augment
-from core.imaging import Scan
+from core.decision import card_probabilities, decide
 from core.models import Classifier
-from core.predict import card_probabilities, decide, forward
-from core.preprocess import base_pixels, model_pixels, normalize
+from core.preprocess import EvalPreset, ModelInput, TrainPreset
 
 TTA_VIEWS = 16
 
@@ -59,21 +59,21 @@ class Spread:
                 f"call ({label}); P({label}) over the views {self.mean[index]:.1%} +- {self.std[index]:.1%} (SD).")
 
 
-def augmented_views(scan: Scan, classifier: Classifier, views: int = TTA_VIEWS, seed: int = 0) -> torch.Tensor:
-    """Normalised model inputs (V + 1, 3, S, S): the scan as preprocessed, then V augmented views."""
+def augmented_views(prepared: ModelInput, classifier: Classifier, views: int = TTA_VIEWS, seed: int = 0) -> torch.Tensor:
+    """Normalised model inputs (V + 1, 3, S, S): the prepared input itself, then V augmented views of it."""
     spec = classifier.spec
     rng = np.random.default_rng(seed)
-    pixels = base_pixels(scan, spec)
-    stack = [model_pixels(scan, spec)] + [augment(pixels, spec.input_size, rng, spec.hflip) for _ in range(views)]
-    return normalize(torch.from_numpy(np.stack(stack))[:, None], spec)
+    draw = TrainPreset(spec)
+    stack = [prepared.grey] + [draw(prepared.grey, rng) for _ in range(views)]
+    return EvalPreset(spec).tensor(np.stack(stack))
 
 
-def tta_spread(classifier: Classifier, scan: Scan, views: int = TTA_VIEWS, seed: int = 0) -> Spread:
-    """Predict the scan and `views` augmented copies of it in one batch.
+def tta_spread(classifier: Classifier, prepared: ModelInput, views: int = TTA_VIEWS, seed: int = 0) -> Spread:
+    """Predict the prepared input and `views` augmented copies of it in one batch.
 
     Args:
         classifier: A loaded model.
-        scan: The scan as read.
+        prepared: The scan's model input (`core.preprocess.EvalPreset`).
         views: Number of augmented views (>= 2).
         seed: Seed of the views.
 
@@ -82,8 +82,7 @@ def tta_spread(classifier: Classifier, scan: Scan, views: int = TTA_VIEWS, seed:
     """
     if views < 2:
         raise ValueError(f"test-time augmentation needs at least 2 views, got {views}")
-    batch = augmented_views(scan, classifier, views, seed)
-    logits, _ = forward(classifier, batch.contiguous(memory_format=torch.channels_last))
+    logits = classifier.runner.logits(augmented_views(prepared, classifier, views, seed))
     card, spec = classifier.card, classifier.spec
     probabilities = card_probabilities(logits, spec, card)[0]
     decisions = decide(probabilities[1:], spec.labels, card.positive, card.threshold)

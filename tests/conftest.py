@@ -36,7 +36,7 @@ def head_ct_dicom(body_part: str = "HEAD") -> bytes:
 
 def page_texts(at) -> str:
     """Every text element an AppTest page shows, joined."""
-    kinds = ("markdown", "caption", "subheader", "title", "error", "warning", "info")
+    kinds = ("markdown", "caption", "subheader", "title", "error", "warning", "info", "text")
     return "\n".join(str(e.value) for kind in kinds for e in getattr(at, kind))
 
 

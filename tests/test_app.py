@@ -8,13 +8,23 @@ from streamlit.testing.v1 import AppTest
 from core.tasks import PAGES, tasks_for_page
 from tests.conftest import (REPO, encode, head_ct_dicom, make_dicom, page_texts, synthetic_slice, viewer_figure,
                             viewer_sources)
-from ui.widgets import OTHER_PAGES, PAGE_FILES
+from ui.navigation import BATCH, CARDS
 
 TIMEOUT = 180
 
 
+def _task_page(name: str) -> None:
+    from ui.task_page import render_task_page
+
+    render_task_page(name)
+
+
 def page(name: str) -> AppTest:
-    at = AppTest.from_file(str(REPO / {**PAGE_FILES, **OTHER_PAGES}[name]), default_timeout=TIMEOUT)
+    """A task page of the registry (run alone), or the Model cards / Batch page."""
+    if name in PAGES:
+        at = AppTest.from_function(_task_page, args=(name,), default_timeout=TIMEOUT)
+    else:
+        at = AppTest.from_file(str({"Model cards": CARDS, "Batch": BATCH}[name]), default_timeout=TIMEOUT)
     at.run()
     assert not at.exception, at.exception
     return at
@@ -39,6 +49,7 @@ def test_home_page_lists_tasks_and_the_notice() -> None:
     at.run()
     assert not at.exception
     body = page_texts(at)
+    assert at.title[0].value == "SecondLook"
     assert "not for diagnosis" in body
     for name in PAGES:
         for spec in tasks_for_page(name):
@@ -51,7 +62,7 @@ def test_every_page_renders_with_notice_and_model_card(name: str) -> None:
     body = page_texts(at)
     assert "not for diagnosis" in body
     assert "Held-out test split" in body
-    assert len(at.file_uploader) == 1
+    assert len(at.file_uploader) == 1 and at.title[0].value == name
 
 
 def test_two_model_pages_say_what_each_model_was_trained_on() -> None:
@@ -140,7 +151,7 @@ def test_inside_the_indeterminate_band_the_page_says_uncertain() -> None:
 
     card = get_classifier("brain_mri").card  # the process-wide cached model the page will use
     saved = card.indeterminate
-    card.indeterminate = {"margin": 1.01, "rule": "top probability - second probability < 1.01", "test": {}}
+    card.indeterminate = {"scale": "log-odds", "width": 50.0, "rule": "a band wider than any output", "test": {}}
     try:
         at = page("Brain MRI")
         upload(at, "scan.png", encode(synthetic_slice(200, seed=7)))
@@ -227,7 +238,7 @@ def test_dicom_of_another_modality_is_flagged_by_its_tags() -> None:
     array = np.tile((np.arange(128) * 30).astype(np.uint16), (128, 1))
     at.file_uploader[0].set_value(("us.dcm", make_dicom(array, modality="US", slope=None), "application/dicom")).run()
     assert not at.exception
-    assert any("modality is US" in w.value for w in at.warning)
+    assert flagged(at) and "modality is US" in page_texts(at)
 
 
 def test_ct_display_window_never_changes_the_model_input_and_planes_are_checked() -> None:
@@ -285,7 +296,7 @@ def test_a_chest_ct_dicom_is_flagged_on_the_head_ct_page() -> None:
     at = page("Head CT")
     at.file_uploader[0].set_value(("IMG0004", head_ct_dicom("CHEST"), "application/octet-stream")).run()
     assert not at.exception
-    assert any("body part is CHEST" in w.value for w in at.warning)
+    assert flagged(at) and "body part is CHEST" in page_texts(at)
 
 
 def _decode(uri: str):

@@ -10,8 +10,8 @@ import torch
 from core.explain import METHODS, compute_cam
 from core.imaging import read_scan
 from core.models import load_model
-from core.predict import predict_tensor
-from core.preprocess import model_input
+from core.decision import predict
+from core.preprocess import EvalPreset
 from core.tasks import get_task
 from tests.conftest import encode, synthetic_slice
 
@@ -22,13 +22,13 @@ def test_parallel_predictions_and_heatmaps_match_sequential_ones() -> None:
     for i in range(8):
         key = ("brain_mri", "ct_cancer")[i % 2]
         scan = read_scan(encode(synthetic_slice(160 + 8 * i, seed=20 + i, kind=i)), f"s{i}.png")
-        tensor = model_input(scan, classifiers[key].spec)
+        tensor = EvalPreset(classifiers[key].spec)(scan).tensor
         jobs.append((classifiers[key], tensor, i % classifiers[key].spec.num_classes, METHODS[i % len(METHODS)]))
 
     def run(job):
         classifier, tensor, target, method = job
         with torch.inference_mode():  # as a Streamlit script thread may be
-            probabilities = predict_tensor(classifier, tensor).probabilities
+            probabilities = predict(classifier, tensor)[0].probabilities
         return probabilities, compute_cam(classifier, tensor, target, method)
 
     alone = [run(job) for job in jobs]

@@ -14,8 +14,8 @@ from core.cards import card_from_spec, read_card
 from core.explain import METHODS, compute_cam, draw_region, locate, road_score
 from core.imaging import Scan
 from core.models import WEIGHTS_DIR, Classifier, load_model
-from core.predict import Prediction, decision_margin
-from core.preprocess import model_input
+from core.decision import Band, Prediction, decision_distance
+from core.preprocess import EvalPreset
 from core.tasks import TASKS, get_task
 from core.uncertainty import tta_spread
 from tests.conftest import synthetic_slice
@@ -38,7 +38,7 @@ def bright_input(spec) -> torch.Tensor:
     """A bright square (the evidence) on a dark background."""
     pixels = np.full((224, 224), 0.1, dtype=np.float32)
     pixels[40:120, 40:120] = 0.9
-    return model_input(Scan(pixels=pixels, kind="image"), spec)
+    return EvalPreset(spec)(Scan(pixels=pixels, kind="image")).tensor
 
 
 def test_road_scores_a_heatmap_on_the_evidence_above_one_elsewhere() -> None:
@@ -89,8 +89,8 @@ def test_randomising_the_head_changes_gradient_maps_but_not_eigencam() -> None:
     survive the head's randomisation unchanged, while Grad-CAM, which weights by the head's
     gradients, must change. The check reports exactly that."""
     classifier = load_model(get_task("ct_covid"))
-    tensors = [model_input(Scan(pixels=synthetic_slice(224, seed=s).astype(np.float32) / 255, kind="image"),
-                           classifier.spec) for s in (1, 2)]
+    tensors = [EvalPreset(classifier.spec)(Scan(pixels=synthetic_slice(224, seed=s).astype(np.float32) / 255,
+                                                kind="image")).tensor for s in (1, 2)]
     result = sanity_check(classifier, tensors, [0, 1], stages=1)
     assert result["stages"] == ["classifier"]
     assert result["methods"]["EigenCAM"][0] > 0.99
@@ -102,13 +102,13 @@ def test_randomising_the_head_changes_gradient_maps_but_not_eigencam() -> None:
 
 def test_randomisation_cascade_runs_from_the_head_down() -> None:
     classifier = load_model(get_task("ct_covid"))
-    names = [name for name, _ in randomisation_stages(classifier.module)]
+    names = [name for name, _ in randomisation_stages(classifier.module, classifier.spec.arch)]
     assert names[:3] == ["classifier", "features.18", "features.17"]
 
 
 def test_tta_spread_is_reproducible_and_reports_agreement() -> None:
     classifier = load_model(get_task("brain_mri"))
-    scan = Scan(pixels=synthetic_slice(256, seed=4).astype(np.float32) / 255, kind="image")
+    scan = EvalPreset(classifier.spec)(Scan(pixels=synthetic_slice(256, seed=4).astype(np.float32) / 255, kind="image"))
     first, second = tta_spread(classifier, scan, views=6), tta_spread(classifier, scan, views=6)
     assert first.views.shape == (6, 4) and np.allclose(first.views.sum(axis=1), 1.0)
     assert np.array_equal(first.views, second.views)
@@ -118,12 +118,14 @@ def test_tta_spread_is_reproducible_and_reports_agreement() -> None:
         tta_spread(classifier, scan, views=1)
 
 
-def test_indeterminate_margin_for_thresholded_and_argmax_models() -> None:
+def test_indeterminate_distance_for_thresholded_and_argmax_models() -> None:
     probs = np.array([[0.55, 0.45], [0.9, 0.1]])
-    assert decision_margin(probs, ("a", "b"), None, None) == pytest.approx([0.10, 0.80])
-    assert decision_margin(probs, ("a", "b"), "b", 0.4) == pytest.approx([0.05, 0.30])
-    near = Prediction(("a", "b"), probs[0], 0, 0.4, "b", None, 0.1)
-    far = Prediction(("a", "b"), probs[1], 0, 0.4, "b", None, 0.1)
+    assert decision_distance(probs, ("a", "b"), None, None) == pytest.approx([np.log(0.55 / 0.45), np.log(9.0)])
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert decision_distance(probs, ("a", "b"), "b", 0.4) == pytest.approx([logit(0.45) - logit(0.4),
+                                                                             logit(0.4) - logit(0.1)])
+    near = Prediction(("a", "b"), probs[0], 0, 0.4, "b", band=Band(0.5))
+    far = Prediction(("a", "b"), probs[1], 0, 0.4, "b", band=Band(0.5))
     assert near.uncertain and not far.uncertain
     assert not Prediction(("a", "b"), probs[0], 0).uncertain  # no band in the card: never uncertain
 
@@ -161,9 +163,13 @@ def test_curves_and_band_from_scores() -> None:
     assert curves["benign"]["fpr"][0] == 0 and curves["benign"]["tpr"][-1] == 1
     bins = reliability(targets, probs)
     assert sum(bins["count"]) == 300 and len(bins["count"]) == 10
-    band = indeterminate_band(targets, probs, probs.argmax(axis=1), spec, None, None)
-    margin = np.sort(probs, axis=1)[:, -1] - np.sort(probs, axis=1)[:, -2]
-    assert band["test"]["share_uncertain"] == pytest.approx((margin < 0.1).mean())
+    distance = decision_distance(probs, spec.labels, None, None)
+    correct = probs.argmax(axis=1) == targets
+    band = indeterminate_band((distance, correct), (distance, correct), None, None)
+    assert band["scale"] == "log-odds" and band["width"] > 0  # near the boundary these scores are often wrong
+    assert band["validation"]["share_uncertain"] == pytest.approx((distance < band["width"]).mean())
+    assert band["validation"]["share_uncertain"] <= 0.15
+    assert band["validation"]["accuracy_inside"] < band["validation"]["accuracy_outside"]
     assert stratified_sample(np.array([0] * 50 + [1] * 5), 10).tolist().count(50) <= 1
     assert sorted(np.bincount(np.array([0] * 50 + [1] * 5)[stratified_sample(np.array([0] * 50 + [1] * 5), 10)])) == [5, 5]
 
@@ -177,7 +183,9 @@ def test_bundled_cards_carry_intervals_curves_band_and_a_measured_default(key: s
         assert v["low"] <= v["estimate"] <= v["high"], (key, name, v)
         assert v["estimate"] == pytest.approx(card.metrics[name])  # same split, same figures as the card
     assert card.metrics["curves"]["roc"] and sum(card.metrics["curves"]["reliability"]["count"]) == card.metrics["n"]
-    assert card.indeterminate["margin"] > 0 and 0 <= card.indeterminate["test"]["share_uncertain"] <= 1
+    band = card.indeterminate
+    assert band["scale"] == "log-odds" and band["chosen_on"] == "validation" and band["width"] >= 0
+    assert 0 <= band["test"]["share_uncertain"] <= band["validation"]["share_uncertain"] + 0.15
     methods = card.explanations["faithfulness"]["methods"]
     assert set(methods) == set(METHODS)
     assert card.explanations["default_method"] == max(methods, key=lambda m: methods[m]["mean"])

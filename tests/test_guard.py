@@ -12,7 +12,7 @@ import pytest
 from core.guard import GuardStats, check_tags
 from core.imaging import read_scan
 from core.models import WEIGHTS_DIR, WeightsError, load_model
-from core.predict import predict_scan
+from core.pipeline import predict_scan
 from core.tasks import TASKS, get_task
 from tests.conftest import encode, make_dicom
 

@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.imaging import ScanError, read_scan
 from tests.conftest import REPO
+from tests.test_app import page
 from tests.corpus import CORPUS
 
 CASES = sorted(CORPUS)
@@ -70,7 +71,7 @@ def test_predict_command_survives_the_whole_corpus(tmp_path: Path) -> None:
 
 
 def test_the_app_survives_the_whole_corpus() -> None:
-    at = AppTest.from_file(str(REPO / "pages/1_Brain_MRI.py"), default_timeout=180)
+    at = page("Brain MRI")
     at.run()
     for case in CASES:
         filename, make, expected = CORPUS[case]

@@ -16,8 +16,9 @@ from core.cards import read_card, write_card
 from core.explain import COLORMAPS, METHODS, compute_cam, overlay
 from core.imaging import read_scan
 from core.models import WEIGHTS_DIR, WeightsError, build_model, dequantize_state, load_model, quantize_state, resolve_layer
-from core.predict import decide, predict_scan
-from core.preprocess import display_rgb, model_input
+from core.decision import decide
+from core.pipeline import predict_scan
+from core.preprocess import EvalPreset, display_rgb
 from core.tasks import TASKS, get_task
 from tests.conftest import REPO, encode, synthetic_slice
 
@@ -128,7 +129,7 @@ def cam_input():
 def test_every_cam_method_gives_a_unit_heatmap_and_releases_hooks(method, classifiers, cam_input) -> None:
     classifier = loaded(classifiers, "ct_cancer")
     spec = classifier.spec
-    tensor = model_input(cam_input, spec)
+    tensor = EvalPreset(spec)(cam_input).tensor
 
     def hook_count() -> int:
         return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in classifier.module.modules())
@@ -143,7 +144,7 @@ def test_every_cam_method_gives_a_unit_heatmap_and_releases_hooks(method, classi
 
 def test_cam_refuses_bad_requests(classifiers, cam_input) -> None:
     classifier = loaded(classifiers, "cxr_covid")
-    tensor = model_input(cam_input, classifier.spec)
+    tensor = EvalPreset(classifier.spec)(cam_input).tensor
     for bad in (2, -1, 1.0, True):
         with pytest.raises(ValueError, match="out of range"):
             compute_cam(classifier, tensor, bad)
@@ -155,7 +156,7 @@ def test_cam_refuses_bad_requests(classifiers, cam_input) -> None:
 
 def test_cam_targets_differ_by_class(classifiers, cam_input) -> None:
     classifier = loaded(classifiers, "brain_mri")
-    tensor = model_input(cam_input, classifier.spec)
+    tensor = EvalPreset(classifier.spec)(cam_input).tensor
     maps = [compute_cam(classifier, tensor, i, "Grad-CAM") for i in range(4)]
     assert any(not np.allclose(maps[0], m) for m in maps[1:])
 
@@ -215,7 +216,7 @@ def test_a_threshold_on_a_group_of_classes() -> None:
     """cxr_pneumonia screens for pneumonia = bacterial + viral: the summed probability is thresholded."""
     from core.appraisal import _binary_scores
     from core.evaluate import compute_metrics, threshold_figures
-    from core.predict import decision_margin, positive_mask, positive_score
+    from core.decision import decision_distance, positive_mask, positive_score
 
     labels = ("normal", "bacterial", "viral")
     group = "bacterial+viral"
@@ -225,7 +226,9 @@ def test_a_threshold_on_a_group_of_classes() -> None:
     # at or above the threshold the likelier of bacterial / viral is called, below it normal
     assert decide(probabilities, labels, group, 0.45).tolist() == [0, 2, 1, 0]
     assert decide(probabilities, labels, group, 0.25).tolist() == [1, 2, 1, 0]
-    assert decision_margin(probabilities, labels, group, 0.45) == pytest.approx([0.15, 0.05, 0.35, 0.35])
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert decision_distance(probabilities, labels, group, 0.45) == pytest.approx(
+        [abs(logit(p) - logit(0.45)) for p in (0.3, 0.5, 0.8, 0.1)])
     targets = np.array([0, 2, 1, 1])
     figures = threshold_figures(probabilities, targets, labels, group, 0.45)
     assert figures == {"sensitivity": pytest.approx(2 / 3), "specificity": 1.0}

@@ -24,8 +24,8 @@ from core.data import BalancedSampler, Record, carve_split, finding_targets, rea
 from core.evaluate import compute_finding_metrics
 from core.explain import compute_cam, road_score
 from core.models import load_model
-from core.predict import predict_uploads, result_row
-from core.preprocess import model_input
+from core.pipeline import Answer, predict_uploads, result_row
+from core.preprocess import EvalPreset
 from core.imaging import read_scan
 from core.tasks import get_task
 from core.train import OutputLoss, finding_pos_weight, get_args_parser, main
@@ -194,13 +194,14 @@ def test_finding_metrics_on_known_scores() -> None:
 def test_predictions_cams_and_road_cover_the_findings(trained: Path, head_folder: Path) -> None:
     classifier = load_model(SPEC, trained / "head_ct.safetensors")
     path = next(head_folder.glob("train/hemorrhage/*.png"))
-    rows = list(predict_uploads(classifier, [(path.name, path.read_bytes()), ("bad.png", b"not an image")]))
+    rows = [result_row(name, outcome) for name, outcome in
+            predict_uploads(classifier, [(path.name, path.read_bytes()), ("bad.png", b"not an image")])]
     assert rows[0]["status"] in ("ok", "rejected")  # the guard may flag a synthetic slice; findings need an ok row
-    row = result_row("x.png", _prediction(classifier, path))
+    row = result_row("x.png", Answer("0" * 16, _prediction(classifier, path)))
     assert set(row["findings"]) == set(FINDINGS) and set(row["present"]) <= set(FINDINGS)
     assert all(0 < p < 1 for p in row["findings"].values())
     assert rows[1]["status"] == "rejected"
-    tensor = model_input(read_scan(path.read_bytes(), path.name), SPEC)
+    tensor = EvalPreset(SPEC)(read_scan(path.read_bytes(), path.name)).tensor
     finding_map = compute_cam(classifier, tensor, SPEC.output_index("edh"))
     assert finding_map.shape == (224, 224) and 0 <= finding_map.min() <= finding_map.max() <= 1
     road = road_score(classifier, tensor, finding_map, SPEC.output_index("edh"))
@@ -216,19 +217,20 @@ def test_bundled_head_ct_explains_each_output_separately() -> None:
     folder = data_folder("head_ct")
     classifier = load_model(SPEC)
     path = next((folder / "train" / "hemorrhage").glob("*.webp"))
-    tensor = model_input(read_scan(path.read_bytes(), path.name), SPEC)
+    tensor = EvalPreset(SPEC)(read_scan(path.read_bytes(), path.name)).tensor
     maps = {key: compute_cam(classifier, tensor, SPEC.output_index(key)) for key in ("hemorrhage", "edh", "fracture")}
     assert any(m.max() > 0 for m in maps.values())
     assert not np.allclose(maps["hemorrhage"], maps["edh"]) and not np.allclose(maps["edh"], maps["fracture"])
 
 
 def _prediction(classifier, path: Path):
-    from core.predict import predict_scan
+    from core.pipeline import predict_scan
 
     prediction = predict_scan(classifier, read_scan(path.read_bytes(), path.name))
     assert prediction.probabilities.sum() == pytest.approx(1.0)
     assert len(prediction.findings) == 6 and prediction.findings[4].title == "subdural"
-    assert all(f.present == (f.probability >= f.threshold) for f in prediction.findings)
+    assert all(f.above_threshold == (f.probability >= f.threshold) for f in prediction.findings)
+    assert all(f.above_threshold for f in prediction.findings if f.present)
     return prediction
 
 

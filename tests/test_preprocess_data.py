@@ -10,7 +10,6 @@ import torch
 from core.calibration import choose_threshold, expected_calibration_error, fit_temperature, sensitivity_specificity, softmax
 from core.data import (
     Record,
-    augment,
     difference_hash,
     near_duplicate_groups,
     split_audit,
@@ -18,7 +17,7 @@ from core.data import (
     stratified_group_split,
 )
 from core.imaging import read_scan
-from core.preprocess import display_rgb, model_input, model_pixels, normalize, quantize_8bit, resize_square
+from core.preprocess import EvalPreset, augment, display_rgb, eight_bit, normalize, resize_square
 from core.tasks import TASKS, get_task, positive_classes, tasks_for_page
 from tests.conftest import make_dicom, synthetic_slice
 
@@ -33,25 +32,31 @@ def test_registry_lookups_fail_loudly() -> None:
     assert [s.key for s in tasks_for_page("Lung CT")] == ["ct_covid", "ct_cancer"]
 
 
-def test_registry_labels_are_the_data_folder_names() -> None:
-    expected = {
-        "brain_mri": ("glioma", "meningioma", "no_tumor", "pituitary"),
-        "cxr_pneumonia": ("normal", "bacterial", "viral"),
-        "cxr_covid": ("normal", "covid19"),
-        "ct_covid": ("covid19", "non_covid"),
-        "ct_cancer": ("normal", "benign", "malignant"),
-        "head_ct": ("normal", "hemorrhage"),
-    }
-    assert {key: spec.labels for key, spec in TASKS.items()} == expected
-    assert TASKS["head_ct"].findings == ("ivh", "iph", "sah", "edh", "sdh", "fracture")
-    assert TASKS["head_ct"].outputs[2:] == TASKS["head_ct"].findings and TASKS["head_ct"].num_outputs == 8
-    for spec in TASKS.values():
-        assert spec.positive is None or set(positive_classes(spec.positive)) <= set(spec.labels)
+@pytest.mark.parametrize("key", sorted(TASKS))
+def test_registry_labels_are_the_data_folder_names(key: str) -> None:
+    """The class keys are the folder names (and manifest labels) of the model's data; findings are manifest columns."""
+    import csv
+
+    from tests.conftest import data_folder
+
+    spec = TASKS[key]
+    folder = data_folder(spec.data_folder)
+    with open(folder / "manifest.csv", newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert {row["label"] for row in rows} == set(spec.labels)
+    assert {row["path"].split("/")[1] for row in rows} == set(spec.labels)
+    assert set(spec.findings) <= set(reader.fieldnames or ())
+    assert spec.outputs == spec.labels + spec.findings and spec.num_outputs == len(spec.labels) + len(spec.findings)
+    assert spec.positive is None or set(positive_classes(spec.positive)) <= set(spec.labels)
 
 
 def test_model_input_contract(png_bytes: bytes) -> None:
     spec = get_task("brain_mri")
-    tensor = model_input(read_scan(png_bytes, "x.png"), spec)
+    prepared = EvalPreset(spec)(read_scan(png_bytes, "x.png"))
+    tensor = prepared.tensor
+    assert prepared.pixels.dtype == np.uint8 and prepared.grey.shape == (spec.input_size, spec.input_size)
+    assert not prepared.cropped and prepared.region == (0, prepared.scan_shape[0], 0, prepared.scan_shape[1])
     assert tensor.shape == (1, 3, spec.input_size, spec.input_size) and tensor.dtype == torch.float32
     # channel 0 of a white pixel is (1 - mean) / std
     white = normalize(torch.ones(1, 1, 4, 4), spec)
@@ -64,17 +69,23 @@ def test_preprocessing_rejects_bad_ranges() -> None:
         normalize(torch.full((1, 1, 8, 8), 2.0), spec)
     with pytest.raises(ValueError, match="N, 1, S, S"):
         normalize(torch.zeros(1, 3, 8, 8), spec)
+    from core.imaging import Scan
+
     with pytest.raises(ValueError):
-        quantize_8bit(np.full((4, 4), -0.5, dtype=np.float32))
+        eight_bit(Scan(pixels=np.full((4, 4), -0.5, dtype=np.float32), kind="image"), spec)
+    with pytest.raises(ValueError, match="finite"):
+        eight_bit(Scan(pixels=np.full((4, 4), np.nan, dtype=np.float32), kind="image"), spec)
     with pytest.raises(ValueError):
         resize_square(np.zeros((2, 4, 4), dtype=np.float32), 8)
 
 
 def test_quantize_and_resize() -> None:
+    from core.imaging import Scan
+
     pixels = np.random.default_rng(0).random((50, 70)).astype(np.float32)
-    q = quantize_8bit(pixels)
-    np.testing.assert_allclose(q * 255, np.round(q * 255), atol=1e-4)
-    out = resize_square(q, 32)
+    q = eight_bit(Scan(pixels=pixels, kind="image"), get_task("brain_mri"))
+    np.testing.assert_array_equal(q, np.round(pixels * 255).astype(np.uint8))
+    out = resize_square(q.astype(np.float32) / 255, 32)
     assert out.shape == (32, 32) and out.dtype == np.float32 and 0 <= out.min() <= out.max() <= 1
 
 
@@ -84,16 +95,16 @@ def test_ct_model_window_is_independent_of_the_viewer() -> None:
     stored = np.where(((yy - 32) ** 2 + (xx - 32) ** 2) < 400, 1064, 24).astype(np.int16)  # 40 HU disc, -1000 HU air
     scan = read_scan(make_dicom(stored), "ct.dcm")
     cancer, covid = get_task("ct_cancer"), get_task("ct_covid")
-    soft = model_pixels(scan, cancer)
-    lung = model_pixels(scan, covid)
+    soft = EvalPreset(cancer)(scan).grey
+    lung = EvalPreset(covid)(scan).grey
     centre = cancer.input_size // 2
     assert soft[centre, centre] == pytest.approx(0.5, abs=0.01)  # 40 HU is the soft-tissue centre
     assert lung[centre, centre] == pytest.approx(np.round((40 + 600 + 750) / 1500 * 255) / 255, abs=0.01)
     # a display window for the viewer changes the picture, never the model input
-    before = model_pixels(scan, cancer)
+    before = EvalPreset(cancer)(scan).grey
     shown = display_rgb(scan, window=(400.0, 1800.0))
     assert shown.shape == (64, 64, 3) and shown.dtype == np.uint8
-    np.testing.assert_array_equal(before, model_pixels(scan, cancer))
+    np.testing.assert_array_equal(before, EvalPreset(cancer)(scan).grey)
 
 
 def test_augment_contract() -> None:

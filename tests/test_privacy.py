@@ -36,8 +36,9 @@ def test_upload_to_heatmap_writes_nothing_and_shows_no_patient_tags(caplog) -> N
     yy, xx = np.mgrid[0:128, 0:128]
     stored = np.where(((yy - 64) ** 2 + (xx - 64) ** 2) < 50**2, 1064, 24).astype(np.int16)
     data = make_dicom(stored)  # carries PatientName Secret^Patient and PatientID ID-12345
-    at = AppTest.from_file(str(REPO / "pages/3_Lung_CT.py"), default_timeout=180)
-    at.run()  # model loading happens before the recording starts
+    from tests.test_app import page
+
+    at = page("Lung CT")  # model loading happens before the recording starts
     import pytorch_grad_cam  # noqa: F401 - library import-time setup (matplotlib's cache folder) is not upload data
 
     caplog.set_level(logging.DEBUG)
@@ -46,7 +47,7 @@ def test_upload_to_heatmap_writes_nothing_and_shows_no_patient_tags(caplog) -> N
         at.file_uploader[0].set_value(("IM0001.dcm", data, "application/dicom")).run()
         if any("Not classified" in w.value for w in at.warning):
             at.checkbox[0].check().run()
-        at.selectbox[1].set_value("Grad-CAM++").run()
+        next(s for s in at.selectbox if s.label == "Method").set_value("Grad-CAM++").run()
         at.slider[0].set_value(0.7).run()
     finally:
         written, _recording = _recording, None
@@ -91,7 +92,8 @@ def _parse_multipart(size: int) -> list:
 
 
 def test_server_keeps_large_uploads_in_memory() -> None:
-    """A 5 MB upload is parsed without a temporary file once a page has run (it would spool to disk otherwise)."""
+    """A 5 MB upload is parsed without a temporary file once any page (the home page) has run (it would spool to
+    disk otherwise)."""
     from starlette.formparsers import MultiPartParser
 
     from ui.cache import keep_uploads_in_memory
@@ -100,7 +102,7 @@ def test_server_keeps_large_uploads_in_memory() -> None:
     try:
         MultiPartParser.spool_max_size = 1024 * 1024  # Starlette's default
         assert _parse_multipart(5 * 2**20) != [], "the check must see the spooled temporary file"
-        AppTest.from_file(str(REPO / "pages/1_Brain_MRI.py"), default_timeout=180).run()
+        AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()  # the home page alone
         assert _parse_multipart(5 * 2**20) == []
     finally:
         MultiPartParser.spool_max_size = max(default, MultiPartParser.spool_max_size)

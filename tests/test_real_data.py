@@ -11,7 +11,7 @@ import pytest
 from core.data import read_records
 from core.imaging import read_scan
 from core.models import WEIGHTS_DIR, load_model
-from core.predict import predict_scan
+from core.pipeline import predict_scan
 from core.tasks import TASKS, get_task
 from tests.conftest import REPO, data_folder
 

@@ -18,20 +18,10 @@ import pytest
 
 from core.cards import read_card
 from core.data import load_pixels, preprocess_pixels, read_records, recorded_split
-from core.explain import compute_cam, place_in_region
+from core.explain import compute_cam
 from core.imaging import Scan, read_scan
 from core.models import WeightsError, load_candidate, load_model, recipe_spec
-from core.preprocess import (
-    PREPROCESSING,
-    base_pixels,
-    border_box,
-    border_crop,
-    clahe,
-    model_input,
-    model_region,
-    pixels_input,
-    preprocess_8bit,
-)
+from core.preprocess import PREPROCESSING, EvalPreset, apply_steps, border_box, border_crop, clahe
 from core.tasks import PREPROCESSING_STEPS, TaskSpec, get_task
 from core.train import get_args_parser, main
 from tests.conftest import REPO, encode, synthetic_slice
@@ -89,18 +79,18 @@ def test_the_model_region_is_where_the_heatmap_goes_back() -> None:
     image = framed()
     scan = Scan(pixels=image.astype(np.float32) / 255.0, kind="image")
     spec = recipe_spec(get_task("cxr_covid"), preprocessing=STEPS)
-    top, bottom, left, right = model_region(scan, spec)
-    assert (top, bottom, left, right) == border_box(image) and top > 20 and right < 150
-    np.testing.assert_array_equal(np.round(base_pixels(scan, spec) * 255).astype(np.uint8),
-                                  clahe(image[top:bottom, left:right]))
-    assert model_region(scan, recipe_spec(spec, preprocessing=())) == (0, 200, 0, 160)  # no steps: the whole scan
+    prepared = EvalPreset(spec)(scan)
+    top, bottom, left, right = prepared.region
+    assert (top, bottom, left, right) == border_box(image) and top > 20 and right < 150 and prepared.cropped
+    np.testing.assert_array_equal(prepared.pixels, clahe(image[top:bottom, left:right]))
+    whole = EvalPreset(recipe_spec(spec, preprocessing=()))(scan)
+    assert whole.region == (0, 200, 0, 160) and not whole.cropped  # no steps: the whole scan
     heatmap = np.ones((7, 7), dtype=np.float32)
-    placed = place_in_region(heatmap, (top, bottom, left, right), image.shape)
+    placed = prepared.place(heatmap)
     assert placed.shape == (200, 160) and placed[top:bottom, left:right].min() == pytest.approx(1.0)
     assert placed.sum() == pytest.approx((bottom - top) * (right - left))  # nothing outside the region
-    assert place_in_region(heatmap, (0, 7, 0, 7), (7, 7)) is not None
-    with pytest.raises(ValueError, match="does not lie"):
-        place_in_region(heatmap, (0, 300, 0, 10), image.shape)
+    assert prepared.outside().sum() == 200 * 160 - (bottom - top) * (right - left)
+    assert whole.place(heatmap).shape == (200, 160) and not whole.outside().any()
 
 
 def test_steps_are_named_in_the_registry_and_bad_ones_refused() -> None:
@@ -108,10 +98,10 @@ def test_steps_are_named_in_the_registry_and_bad_ones_refused() -> None:
     with pytest.raises(ValueError, match="unknown preprocessing"):
         dataclasses.replace(get_task("cxr_covid"), preprocessing=("sharpen",))
     with pytest.raises(ValueError, match="uint8"):
-        preprocess_8bit(np.zeros((8, 8), np.float32), STEPS)
+        apply_steps(np.zeros((8, 8), np.float32), STEPS)
     with pytest.raises(ValueError, match="unknown preprocessing step"):
-        preprocess_8bit(np.zeros((8, 8), np.uint8), ("sharpen",))
-    assert preprocess_8bit(framed(), ()).shape == (200, 160)
+        apply_steps(np.zeros((8, 8), np.uint8), ("sharpen",))
+    assert apply_steps(framed(), ())[0].shape == (200, 160)
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +126,13 @@ def test_the_app_and_the_trainer_see_the_same_preprocessed_pixels(folder: Path) 
     assert raw[0].shape == (112, 112)
     for a, b in zip(preprocess_pixels(raw, spec), trained):
         np.testing.assert_array_equal(a, b)
+    preset = EvalPreset(spec)
     for record, pixels in zip(records, trained):
-        app = model_input(read_scan(record.path.read_bytes(), record.path.name), spec)
-        np.testing.assert_allclose(app.numpy(), pixels_input(pixels, spec).numpy(), atol=1e-6)
-    plain = model_input(read_scan(records[0].path.read_bytes(), records[0].path.name), get_task("ct_cancer"))
-    assert not np.allclose(plain.numpy(), pixels_input(trained[0], spec).numpy())  # the steps do change the input
+        app = preset(read_scan(record.path.read_bytes(), record.path.name))
+        np.testing.assert_array_equal(app.pixels, pixels)
+        np.testing.assert_allclose(app.tensor.numpy(), preset.from_pixels(pixels).tensor.numpy(), atol=1e-6)
+    plain = EvalPreset(get_task("ct_cancer"))(read_scan(records[0].path.read_bytes(), records[0].path.name)).tensor
+    assert not np.allclose(plain.numpy(), preset.from_pixels(trained[0]).tensor.numpy())  # the steps change the input
 
 
 def test_the_split_does_not_depend_on_the_preprocessing(folder: Path) -> None:
@@ -171,7 +163,7 @@ def test_a_candidate_recipe_is_recorded_refused_by_the_registry_and_loads_as_a_c
     classifier = load_candidate(get_task("ct_cancer"), candidate)
     assert classifier.spec.preprocessing == STEPS and classifier.spec.arch == "squeezenet1_1"
     records = read_records(folder)[:1]
-    heatmap = compute_cam(classifier, pixels_input(load_pixels(records, classifier.spec)[0], classifier.spec), 0,
+    heatmap = compute_cam(classifier, EvalPreset(classifier.spec).from_pixels(load_pixels(records, classifier.spec)[0]).tensor, 0,
                           "Grad-CAM")
     assert heatmap.shape == (224, 224) and np.isfinite(heatmap).all()
     result = subprocess.run([sys.executable, "-m", "core.evaluate", "--task", "ct_cancer", "--data", str(folder),

@@ -15,7 +15,8 @@ import pytest
 from core.cards import read_card
 from core.feedback import COLUMNS, feedback_csv, make_feedback, read_feedback, record_feedback
 from core.models import WEIGHTS_DIR
-from core.predict import Prediction, unpack_zip
+from core.archive import unpack_zip
+from core.decision import Band, Prediction
 from core.report import ReportContent, render_pdf
 from core.tasks import TASKS, describe_preprocessing
 from tests.conftest import encode, make_dicom, page_texts, synthetic_slice
@@ -38,14 +39,14 @@ def pdf_text(data: bytes) -> bytes:
 def test_pdf_report_is_one_page_with_the_facts_and_no_identifiers() -> None:
     card = read_card(WEIGHTS_DIR / "cxr_covid.json")
     image = np.zeros((300, 240, 3), np.uint8)
-    prediction = Prediction(tuple(card.labels), np.array([0.3, 0.7]), 1, card.threshold, card.positive, None, 0.1)
+    prediction = Prediction(tuple(card.labels), np.array([0.3, 0.7]), 1, card.threshold, card.positive, "covid19")
     when = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
     data = render_pdf(ReportContent(image, image, prediction, card, "0123abcd", "covid19", "Grad-CAM",
                                     "Faithfulness (ROAD) +0.20: test line"), when)
     assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
     assert len(re.findall(rb"/Type\s*/Page\b(?!s)", data)) == 1
     text = pdf_text(data)
-    for fact in (b"covid19 (70.0%)", card.sha256.encode(), f"{card.threshold:.3f}".encode(), b"2026-01-02 03:04 UTC",
+    for fact in (b"covid19 70%", card.sha256.encode(), f"{card.threshold:.3f}".encode(), b"2026-01-02 03:04 UTC",
                  b"0123abcd", b"not for diagnosis", card.version.encode(), b"Faithfulness (ROAD) +0.20"):
         assert fact in text, fact
     # the metadata names the project only: no user, host or file
@@ -55,8 +56,11 @@ def test_pdf_report_is_one_page_with_the_facts_and_no_identifiers() -> None:
 def test_pdf_report_says_uncertain_inside_the_band() -> None:
     card = read_card(WEIGHTS_DIR / "ct_covid.json")
     image = np.zeros((64, 64, 3), np.uint8)
-    prediction = Prediction(tuple(card.labels), np.array([0.52, 0.48]), 0, card.threshold, card.positive, None, 0.1)
-    assert b"Uncertain (likelier: covid19" in pdf_text(render_pdf(ReportContent(image, image, prediction, card, "x", "covid19", "Grad-CAM")))
+    threshold = card.threshold
+    prediction = Prediction(tuple(card.labels), np.array([threshold + 0.01, 0.99 - threshold]), 0, threshold,
+                            card.positive, "covid19", band=Band(0.5))
+    assert prediction.uncertain
+    assert b"uncertain (likelier covid19" in pdf_text(render_pdf(ReportContent(image, image, prediction, card, "x", "covid19", "Grad-CAM")))
 
 
 def test_feedback_rows_are_validated_neutralised_and_safe_under_threads(tmp_path) -> None:

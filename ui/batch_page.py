@@ -13,10 +13,11 @@ from collections.abc import Iterator
 
 import streamlit as st
 
+from core.archive import is_zip, unpack_zip
 from core.models import WeightsError
-from core.predict import BATCH_SIZE, is_zip, predict_uploads, result_row, unpack_zip
+from core.pipeline import BATCH_SIZE, Refusal, predict_uploads, result_row
 from core.tasks import TASKS, TaskSpec
-from ui.cache import get_classifier, keep_uploads_in_memory
+from ui.cache import get_classifier
 from ui.widgets import disclaimer
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def expand(files: list) -> tuple[list[tuple[str, bytes]], list[dict]]:
             try:
                 scans.extend(unpack_zip(upload.name, data))
             except ValueError as exc:
-                refused.append(result_row(upload.name, status="rejected", reason=str(exc)))
+                refused.append(result_row(upload.name, Refusal("rejected", str(exc))))
         else:
             scans.append((upload.name, data))
     return scans, refused
@@ -66,15 +67,14 @@ def rows_csv(rows: list[dict]) -> bytes:
 
 
 def run_batch(spec: TaskSpec, scans: list[tuple[str, bytes]]) -> Iterator[dict]:
-    """Result rows in upload order (see `core.predict.predict_uploads`)."""
+    """Result rows in upload order (see `core.pipeline.predict_uploads`)."""
     classifier = get_classifier(spec.key)
-    yield from predict_uploads(classifier, scans, BATCH_SIZE)
+    for name, outcome in predict_uploads(classifier, scans, BATCH_SIZE):
+        yield result_row(name, outcome)
 
 
 def render_batch_page() -> None:
     """The whole Batch screen."""
-    st.set_page_config(page_title="Batch - SecondLook", layout="wide")
-    keep_uploads_in_memory()
     st.title("Batch")
     disclaimer()
     keys = sorted(TASKS)

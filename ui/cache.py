@@ -1,23 +1,55 @@
-"""Process-wide state: models shared across sessions (one `Classifier`, with its lock, per
-registry key), and the server's handling of uploads."""
+"""Process-wide state: models shared across sessions (one `Classifier`, with its runner, per registry
+key), their loading in the background when the server starts serving, and the server's handling of
+uploads."""
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import streamlit as st
 
+from core import threads
 from core.imaging import MAX_UPLOAD_BYTES
-from core.models import Classifier, load_model
-from core.tasks import get_task
+from core.models import Classifier, WeightsError, load_model
+from core.tasks import TASKS, get_task
+
+logger = logging.getLogger(__name__)
 
 
-@st.cache_resource(show_spinner="Loading the model...", max_entries=8)
+@st.cache_resource(show_spinner="Loading the model...", max_entries=len(TASKS) + 2)
 def get_classifier(key: str) -> Classifier:
     """The bundled model for a registry key, loaded once per server process.
 
     Raises:
         WeightsError: If the weights or card are missing or do not match the registry.
     """
+    threads.configure("serve")
     return load_model(get_task(key))
+
+
+_warm = threading.Event()
+
+
+def warm_up() -> None:
+    """Load every bundled model in a background thread, once per process, as the first page is served.
+
+    The first session's page view starts it, so by the time a reader has chosen a file the
+    models (and torch) are loaded; a page that needs a model before then waits for it
+    (`st.cache_resource` loads each key once, whoever asks first).
+    """
+    if _warm.is_set():
+        return
+    _warm.set()
+
+    def load_all() -> None:
+        for key in TASKS:
+            try:
+                get_classifier(key)
+            except (WeightsError, ValueError) as exc:  # the page of that model says why when it is opened
+                logger.error("model %s could not be loaded: %s", key, exc)
+
+    threading.Thread(target=load_all, name="secondlook-warm-up", daemon=True).start()
 
 
 def keep_uploads_in_memory() -> None:
@@ -26,8 +58,8 @@ def keep_uploads_in_memory() -> None:
     Streamlit's server parses an upload with Starlette's multipart parser, which spools any
     file over `MultiPartParser.spool_max_size` (1 MB) to a temporary file on disk before the
     app sees it: most DICOM series and many X-ray exports are larger. Raising that class-level
-    limit to the upload limit keeps the bytes in RAM. Called by every page before its
-    uploader exists, so it is in force before the first upload of any session.
+    limit to the upload limit keeps the bytes in RAM. The app's entry script calls it on every
+    run, before any page (and so any uploader) exists.
     """
     try:
         from starlette.formparsers import MultiPartParser

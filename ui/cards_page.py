@@ -7,7 +7,7 @@ import streamlit as st
 from core.cards import ModelCard
 from core.feedback import feedback_csv, feedback_path, read_feedback
 from core.models import WeightsError
-from core.tasks import TASKS, describe_preprocessing, positive_title
+from core.tasks import TASKS, describe_preprocessing
 from ui.cache import get_classifier
 from ui.widgets import confusion_figure, disclaimer, reliability_figure, roc_figure
 
@@ -38,7 +38,7 @@ def metrics_table(card: ModelCard) -> None:
         st.caption(f"No intervals in this card yet: `{APPRAISE_HINT.format(key=card.key)}` adds them.")
     grouped = m.get("positive_vs_rest")
     if grouped:
-        st.markdown(f"**{positive_title(grouped['positive'])} against the rest** (at the operating threshold): accuracy "
+        st.markdown(f"**{TASKS[card.key].positive_title} against the rest** (at the operating threshold): accuracy "
                     f"{_num(grouped['accuracy'])}, ROC-AUC {_num(grouped['roc_auc'])}.")
     per_class = m.get("per_class", {})
     if per_class:
@@ -203,7 +203,7 @@ def render_card(card: ModelCard) -> None:
     metrics_table(card)
     if card.threshold is not None:
         at = card.metrics.get("at_threshold", {})
-        st.markdown(f"**Operating threshold:** {positive_title(card.positive)} at {card.threshold:.3f} ({card.threshold_rule}); on the "
+        st.markdown(f"**Operating threshold:** {TASKS[card.key].positive_title} at {card.threshold:.3f} ({card.threshold_rule}); on the "
                     f"held-out split sensitivity {_num(at.get('sensitivity'))}, specificity {_num(at.get('specificity'))}.")
     else:
         st.markdown("**Operating rule:** the most probable class (no threshold).")
@@ -240,7 +240,6 @@ def feedback_export() -> None:
 
 def render_cards_page() -> None:
     """The whole Model cards screen."""
-    st.set_page_config(page_title="Model cards - SecondLook", layout="wide")
     st.title("Model cards")
     disclaimer()
     keys = sorted(TASKS)

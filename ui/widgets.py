@@ -19,21 +19,10 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from core.cards import ModelCard
-from core.predict import Prediction
+from core.decision import Prediction
 from core.report import DISCLAIMER_BODY, DISCLAIMER_LEAD
+from core.tasks import TaskSpec, get_task
 from core.uncertainty import Spread
-from core.tasks import positive_title
-
-# The file behind each page of core.tasks.PAGES (Streamlit discovers them in pages/).
-PAGE_FILES: dict[str, str] = {
-    "Brain MRI": "pages/1_Brain_MRI.py",
-    "Chest X-ray": "pages/2_Chest_X-ray.py",
-    "Lung CT": "pages/3_Lung_CT.py",
-    "Head CT": "pages/4_Head_CT.py",
-}
-CARDS_PAGE = "pages/5_Model_cards.py"
-BATCH_PAGE = "pages/6_Batch.py"
-OTHER_PAGES: dict[str, str] = {"Model cards": CARDS_PAGE, "Batch": BATCH_PAGE}
 
 # Plotly toolbar for image viewers: wheel zoom on, nothing that talks to a server.
 VIEWER_CONFIG = {"scrollZoom": True, "displaylogo": False, "modeBarButtonsToRemove": ["toImage", "select2d", "lasso2d"]}
@@ -54,19 +43,35 @@ def disclaimer() -> None:
     st.warning(DISCLAIMER, icon="⚠️")
 
 
-def probability_chart(prediction: Prediction) -> go.Figure:
-    """Horizontal bar chart of calibrated probabilities, with the operating threshold if any."""
-    labels = list(prediction.labels)
+CALLED, OTHER, GROUP = "#d62728", "#8c8c8c", "#ff9896"
+
+
+def probability_chart(prediction: Prediction, spec: TaskSpec) -> go.Figure:
+    """Horizontal bars of the calibrated probabilities; the threshold marked only on the bar it applies to.
+
+    A grouped positive (pneumonia = bacterial + viral) gets its own bar first, with the summed
+    probability the threshold reads; the called bars are red, so chart, headline and call agree.
+    """
+    names = [spec.output_title(label) for label in prediction.labels]
     values = [float(p) for p in prediction.probabilities]
-    colors = ["#d62728" if i == prediction.index else "#7f7f7f" for i in range(len(labels))]
-    figure = go.Figure(go.Bar(x=values, y=labels, orientation="h", marker_color=colors,
-                              text=[f"{v:.1%}" for v in values], textposition="auto"))
-    if prediction.threshold is not None and prediction.positive is not None:
-        figure.add_vline(x=prediction.threshold, line_dash="dash",
-                         annotation_text=f"{positive_title(prediction.positive)} threshold {prediction.threshold:.2f}")
-    figure.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%", title="calibrated probability"),
-                         yaxis=dict(autorange="reversed"), height=80 + 45 * len(labels),
-                         margin=dict(l=10, r=10, t=30, b=10))
+    colors = [CALLED if i == prediction.index and not prediction.uncertain else OTHER for i in range(len(names))]
+    marked = prediction.labels.index(prediction.positive) if prediction.positive in prediction.labels else None
+    if prediction.grouped:
+        names.insert(0, f"{spec.positive_label} (sum)")
+        values.insert(0, float(prediction.positive_probability))
+        colors.insert(0, CALLED if prediction.called_positive and not prediction.uncertain else GROUP)
+        marked = 0
+    figure = go.Figure(go.Bar(x=values, y=names, orientation="h", marker_color=colors, cliponaxis=False,
+                              text=[f"{v:.1%}" for v in values], textposition="outside"))
+    if prediction.threshold is not None and marked is not None:
+        figure.add_trace(go.Scatter(x=[prediction.threshold], y=[names[marked]], mode="markers", hoverinfo="text",
+                                    hovertext=[f"threshold {prediction.threshold:.2f}"],
+                                    marker=dict(symbol="line-ns-open", size=26, line_width=3, color="#1f77b4")))
+    figure.update_layout(xaxis=dict(range=[0, 1.18], tickvals=[0, 0.25, 0.5, 0.75, 1], tickformat=".0%",
+                                    title="calibrated probability" + (" (| = threshold)" if marked is not None
+                                                                      and prediction.threshold is not None else "")),
+                         yaxis=dict(autorange="reversed", automargin=True), height=70 + 38 * len(names),
+                         showlegend=False, margin=dict(l=10, r=10, t=10, b=10))
     return figure
 
 
@@ -75,14 +80,16 @@ def findings_chart(prediction: Prediction) -> go.Figure:
     findings = prediction.findings
     titles = [f.title for f in findings]
     values = [f.probability for f in findings]
-    colors = ["#d62728" if f.present else "#7f7f7f" for f in findings]
+    colors = ["#d9d9d9" if f.unreliable else CALLED if f.present else OTHER for f in findings]
     figure = go.Figure(go.Bar(x=values, y=titles, orientation="h", marker_color=colors, name="probability",
-                              text=[f"{v:.1%}" for v in values], textposition="auto"))
+                              text=[f"{v:.1%}" + (" (unreliable)" if f.unreliable else "") for v, f in zip(values, findings)],
+                              textposition="outside", cliponaxis=False))
     figure.add_trace(go.Scatter(x=[f.threshold for f in findings], y=titles, mode="markers", name="threshold",
-                                marker=dict(symbol="line-ns-open", size=22, line_width=3, color="black")))
-    figure.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%", title="calibrated probability (| = threshold)"),
-                         yaxis=dict(autorange="reversed"), height=80 + 40 * len(titles), showlegend=False,
-                         margin=dict(l=10, r=10, t=30, b=10))
+                                marker=dict(symbol="line-ns-open", size=22, line_width=3, color="#1f77b4")))
+    figure.update_layout(xaxis=dict(range=[0, 1.3], tickvals=[0, 0.25, 0.5, 0.75, 1], tickformat=".0%",
+                                    title="calibrated probability (| = threshold)"),
+                         yaxis=dict(autorange="reversed", automargin=True), height=70 + 34 * len(titles),
+                         showlegend=False, margin=dict(l=10, r=10, t=10, b=10))
     return figure
 
 
@@ -105,7 +112,7 @@ def card_summary(card: ModelCard) -> None:
         if card.threshold is not None:
             at = m.get("at_threshold", {})
             st.markdown(
-                f"**Operating threshold:** {positive_title(card.positive)} at {card.threshold:.3f} ({card.threshold_rule}); on the "
+                f"**Operating threshold:** {get_task(card.key).positive_title} at {card.threshold:.3f} ({card.threshold_rule}); on the "
                 f"held-out split sensitivity {_fmt(at.get('sensitivity'))}, specificity {_fmt(at.get('specificity'))}."
             )
         st.markdown(f"**Calibration:** temperature {card.temperature:.3f}; held-out ECE {_fmt(m.get('ece'))}.")

@@ -1,0 +1,58 @@
+"""The app's pages: Home, one task page per page the registry names, Model cards and Batch.
+
+The task pages are derived from `core.tasks.PAGES` (never listed by hand): adding a model to a new
+page of the registry adds the page here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import streamlit as st
+
+from core.tasks import PAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+HOME = ROOT / "pages" / "home.py"
+CARDS = ROOT / "pages" / "model_cards.py"
+BATCH = ROOT / "pages" / "batch.py"
+ICONS = {"Brain MRI": "🧠", "Chest X-ray": "🫁", "Lung CT": "🫁", "Head CT": "🧠"}
+
+
+def url_path(page: str) -> str:
+    """The page's address: "Chest X-ray" -> "chest-x-ray"."""
+    return re.sub(r"[^a-z0-9]+", "-", page.lower()).strip("-")
+
+
+def _task_renderer(page: str) -> Callable[[], None]:
+    def render() -> None:
+        from ui.task_page import render_task_page
+
+        render_task_page(page)
+
+    render.__name__ = f"page_{url_path(page).replace('-', '_')}"  # Streamlit tells callable pages apart by name
+    return render
+
+
+@lru_cache(maxsize=1)
+def task_pages() -> dict[str, st.Page]:
+    """One `st.Page` per registry page, by page title."""
+    return {page: st.Page(_task_renderer(page), title=page, url_path=url_path(page), icon=ICONS.get(page, "🩻"))
+            for page in PAGES}
+
+
+@lru_cache(maxsize=1)
+def other_pages() -> dict[str, st.Page]:
+    """Home, Model cards and Batch."""
+    return {"Home": st.Page(HOME, title="Home", icon="🏠", default=True),
+            "Model cards": st.Page(CARDS, title="Model cards", icon="📋", url_path="model-cards"),
+            "Batch": st.Page(BATCH, title="Batch", icon="🗂️", url_path="batch")}
+
+
+def navigation() -> dict[str, list[st.Page]]:
+    """The sidebar's sections."""
+    others = other_pages()
+    return {"": [others["Home"]], "Tasks": list(task_pages().values()), "More": [others["Model cards"], others["Batch"]]}
