@@ -5,7 +5,6 @@ uploads."""
 from __future__ import annotations
 
 import logging
-import threading
 
 import streamlit as st
 
@@ -28,28 +27,18 @@ def get_classifier(key: str) -> Classifier:
     return load_model(get_task(key))
 
 
-_warm = threading.Event()
-
-
 def warm_up() -> None:
-    """Load every bundled model in a background thread, once per process, as the first page is served.
+    """Load every bundled model once per process, on the server's first page view, before anything else.
 
-    The first session's page view starts it, so by the time a reader has chosen a file the
-    models (and torch) are loaded; a page that needs a model before then waits for it
-    (`st.cache_resource` loads each key once, whoever asks first).
+    So the first upload is not the slow one: by the time a reader has chosen a file, every model is
+    loaded (about 1 s for all six on 2 cores, `python -m benchmarks`). Loading happens in the page's
+    own thread: a process that exits while torch loads in a background thread aborts.
     """
-    if _warm.is_set():
-        return
-    _warm.set()
-
-    def load_all() -> None:
-        for key in TASKS:
-            try:
-                get_classifier(key)
-            except (WeightsError, ValueError) as exc:  # the page of that model says why when it is opened
-                logger.error("model %s could not be loaded: %s", key, exc)
-
-    threading.Thread(target=load_all, name="secondlook-warm-up", daemon=True).start()
+    for key in TASKS:
+        try:
+            get_classifier(key)
+        except (WeightsError, ValueError) as exc:  # the page of that model says why when it is opened
+            logger.error("model %s could not be loaded: %s", key, exc)
 
 
 def keep_uploads_in_memory() -> None:
