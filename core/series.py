@@ -45,6 +45,7 @@ import numpy as np
 from core.imaging import (
     CT_MIN_HU,
     DEFAULT_CT_WINDOW,
+    MAX_PIXELS,
     MAX_UPLOAD_BYTES,
     Scan,
     ScanError,
@@ -978,6 +979,8 @@ def _read_dicom(data: bytes, arrival: int, budget: _Budget) -> list[_Frame] | st
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError,
             OverflowError, RecursionError, NotImplementedError, UnicodeError):
         return "damaged or unreadable DICOM file"
+    if not has_magic and "SOPClassUID" not in ds and "PixelData" not in ds:
+        return "not a DICOM or NIfTI file"  # named .dcm or starting like one, but nothing DICOM in it
     try:
         return _dicom_frames(ds, arrival, budget)
     except StudyError:
@@ -997,6 +1000,8 @@ def _dicom_frames(ds: Any, arrival: int, budget: _Budget) -> list[_Frame] | str:
     samples = _int(ds.get("SamplesPerPixel")) or 1
     if rows <= 0 or columns <= 0:
         return "DICOM file with no image size (Rows, Columns)"
+    if rows * columns > MAX_PIXELS:
+        return f"image over {MAX_PIXELS // 1_000_000} million pixels (not decoded)"
     photometric = _text(ds.get("PhotometricInterpretation"), 16).upper() or "MONOCHROME2"
     colour = samples > 1 or photometric not in ("MONOCHROME1", "MONOCHROME2")
     burned_in = _text(ds.get("BurnedInAnnotation"), 8).upper() == "YES"

@@ -540,6 +540,13 @@ def test_limits_are_checked_before_decoding(monkeypatch: pytest.MonkeyPatch) -> 
         read_study(zipped(files), "large.zip")
 
 
+def test_an_oversized_image_is_left_out_undecoded() -> None:
+    header_only = make_dicom(np.zeros((8, 8), np.int16), extra={"Rows": 8000, "Columns": 8000})
+    study = read_uploads([("", f) for f in ct_slices(3)] + [("big.dcm", header_only)])
+    assert len(only(study)) == 3
+    assert reasons(study) == {"image over 40 million pixels (not decoded)": 1}
+
+
 def test_study_error_is_a_scan_error() -> None:
     assert issubclass(StudyError, ScanError)
 
@@ -638,3 +645,16 @@ def test_real_ct_files_group_into_their_series_and_match_read_scan() -> None:
                    and np.allclose(s.hu(0), expected.values, atol=1e-3, equal_nan=True)]
         assert len(matches) == 1
         np.testing.assert_allclose(matches[0].scan(0).pixels, expected.pixels, atol=1e-6)
+
+
+def test_study_benchmark_prints_its_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark runs (tiny) and prints every figure; its timings are not asserted here."""
+    import json
+
+    from benchmarks.study import main
+
+    assert main(["--slices", "6", "--size", "64", "--rounds", "1"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["slices_used"] == 6 and figures["left_out"] == 1  # the scout
+    assert set(figures["p50_s"]) == {"read_s", "window_s", "zip_to_8bit_s", "scan_preprocess_s"}
+    assert figures["held_mb"] == pytest.approx(6 * 64 * 64 * 2 / 2**20, abs=0.05)
