@@ -487,7 +487,7 @@ def _fit(item: Series, spec: TaskSpec, expected_parts: set[str]) -> tuple[int, i
     return modality, plane, body, original, complete, len(item)
 
 
-# ---------------------------------------------------------------- windowing helpers
+# ---------------------------------------------------------------- windowing
 
 
 def _to_8bit(unit: np.ndarray) -> np.ndarray:
