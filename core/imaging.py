@@ -475,3 +475,18 @@ def _safe_info(ds: Any, n_frames: int, frame: int | None) -> dict[str, Any]:
     if orientation:
         info["orientation"] = orientation
     return info
+
+
+def safe_info(ds: Any, n_frames: int = 1, frame: int | None = None) -> dict[str, Any]:
+    """The technical, non-identifying facts of a parsed dataset that a `Scan` carries in `info`.
+
+    Args:
+        ds: A pydicom Dataset (pixel data not needed).
+        n_frames: Number of frames in the object.
+        frame: Zero-based frame the scan shows, where the object has several.
+
+    Returns:
+        The safe tags (never names, IDs, dates or institutions), pixel spacing, transfer
+        syntax, frame count and orientation, as `read_scan` gives them.
+    """
+    return _safe_info(ds, n_frames, frame)
