@@ -30,6 +30,7 @@ identifier-free form) before anything leaves the process.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from collections.abc import Collection, Sequence
@@ -38,12 +39,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     UID,
     ComprehensiveSRStorage,
     EncapsulatedPDFStorage,
+    PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     generate_uid,
@@ -321,6 +323,7 @@ def _identity(summary: ResultSummary, pacs_ready: bool) -> Dataset:
         setattr(identity, keyword, None)
     identity.PatientIdentityRemoved = "YES"
     identity.DeidentificationMethod = DEIDENTIFICATION_METHOD
+    identity.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: model and class names are plain text of any script
     return identity
 
 
@@ -329,7 +332,7 @@ def _apply_identity(dataset: Dataset, identity: Dataset) -> None:
         if keyword in dataset and keyword not in identity:
             del dataset[keyword]
     for element in identity:
-        dataset[element.tag] = element
+        dataset[element.tag] = copy.deepcopy(element)  # no element (or sequence) shared between outputs
 
 
 def _stamp(dataset: Dataset, summary: ResultSummary, description: str, now: datetime) -> None:
@@ -450,14 +453,29 @@ def write_sr(summary: ResultSummary, pacs_ready: bool = False, identity: Dataset
         model_name=summary.model_name)
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
-    report = hd.sr.MeasurementReport(
-        observation_context=context, procedure_reported=_procedure(summary),
-        imaging_measurements=[_measurement_group(summary, pacs_ready)],
-        referenced_images=list(summary.referenced) if pacs_ready and summary.referenced else None,
-    )
+    library = list(summary.referenced) if pacs_ready and summary.referenced else None
+    try:
+        group = _measurement_group(summary, pacs_ready)
+        try:
+            report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=_procedure(summary),
+                                             imaging_measurements=[group], referenced_images=library)
+        except (ValueError, TypeError, AttributeError) as exc:
+            if library is None:
+                raise
+            # The image library (TID 1600) is optional and wants geometry some objects lack (an
+            # enhanced multi-frame keeps it per frame): the report goes without it, not without the results.
+            logger.warning("SR image library left out: %s", type(exc).__name__)
+            report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=_procedure(summary),
+                                             imaging_measurements=[group])
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputError(f"the structured report could not be made: {exc}") from exc
     report[0].ContentSequence.append(_summary_texts(summary, pacs_ready))
     if pacs_ready:
-        evidence = list(summary.sources)
+        # highdicom reads the type 2 patient and study attributes off the first evidence; some
+        # sources leave them out, so it sees the first source with the shared identity filled in.
+        first = header_only(summary.sources[0])  # a new Dataset: the source stays as it is
+        first.update(identity)
+        evidence = [first, *summary.sources[1:]]
     else:
         # highdicom takes patient and study from the first evidence: a stand-in carrying the empty
         # identity; it is no instance of the study, so it is dropped from the evidence below.
@@ -593,8 +611,12 @@ def write_pdf(summary: ResultSummary, pacs_ready: bool = False, identity: Datase
     meta.MediaStorageSOPClassUID = EncapsulatedPDFStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    # A FileDataset with a preamble: dicomweb-client writes each instance with pydicom's plain
+    # dcmwrite, which leaves out the preamble and "DICM" of a bare Dataset, and the archive then
+    # serves back a file no reader opens.
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = EncapsulatedPDFStorage
     ds.SOPInstanceUID = sop_uid
     ds.Modality = "DOC"
@@ -702,7 +724,7 @@ def check_outputs(outputs: DicomOutputs, summary: ResultSummary) -> None:
     Raises:
         OutputError: Listing every problem found.
     """
-    from pydicom import dcmread
+    from pydicom import dcmread, dcmwrite
 
     problems: list[str] = []
     expected = {"SR": ComprehensiveSRStorage, "SC": SecondaryCaptureImageStorage, "PDF": EncapsulatedPDFStorage}
@@ -714,8 +736,12 @@ def check_outputs(outputs: DicomOutputs, summary: ResultSummary) -> None:
     for kind, dataset in kinds:
         try:
             read = dcmread(io.BytesIO(to_bytes(dataset)))
+            # As STOW-RS sends it: dicomweb-client writes with pydicom's plain dcmwrite.
+            sent = io.BytesIO()
+            dcmwrite(sent, dataset)
+            dcmread(io.BytesIO(sent.getvalue()))
         except Exception as exc:  # noqa: BLE001 - any failure to write or read back is a failed check
-            problems.append(f"{kind} does not write and read back: {type(exc).__name__}: {exc}")
+            problems.append(f"{kind} does not write and read back as a DICOM file: {type(exc).__name__}: {exc}")
             continue
         if read.SOPClassUID != expected[kind]:
             problems.append(f"{kind} has SOP class {read.SOPClassUID}")
@@ -736,7 +762,7 @@ def check_outputs(outputs: DicomOutputs, summary: ResultSummary) -> None:
             missing = {str(ds.SOPInstanceUID) for ds in summary.referenced} - _references(read)
             if kind != "SC" and missing:
                 problems.append(f"{kind} does not reference {len(missing)} key source instances")
-            if read.get("PatientID") != summary.sources[0].get("PatientID"):
+            if str(read.get("PatientID") or "") != str(summary.sources[0].get("PatientID") or ""):
                 problems.append(f"{kind} does not carry the source's Patient ID")
         else:
             filled = [k for k in IDENTIFYING_ATTRIBUTES if k in read and read[k].value not in (None, "", [])]

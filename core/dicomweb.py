@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydicom.dataset import Dataset
 
+from core.imaging import MAX_UPLOAD_BYTES
 from core.dicom_out import PDF_SERIES_NUMBER, SR_SERIES_NUMBER, DicomOutputs, ResultSummary, build_outputs
 from core.tasks import TaskSpec
 
@@ -90,6 +91,7 @@ class ArchiveSettings:
     timeout: float = 30.0
     attempts: int = 3
     max_instances: int = MAX_INSTANCES
+    max_bytes: int = MAX_UPLOAD_BYTES
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -100,8 +102,8 @@ class ArchiveSettings:
             raise ValueError(f"{ENV_PREFIX}USER and {ENV_PREFIX}PASSWORD go together")
         if self.token and self.user:
             raise ValueError(f"set either {ENV_PREFIX}TOKEN or {ENV_PREFIX}USER/PASSWORD, not both")
-        if self.timeout <= 0 or self.attempts < 1 or self.max_instances < 1:
-            raise ValueError("timeout, attempts and max_instances must be positive")
+        if self.timeout <= 0 or self.attempts < 1 or self.max_instances < 1 or self.max_bytes < 1:
+            raise ValueError("timeout, attempts, max_instances and max_bytes must be positive")
 
 
 def archive_settings(environ: Mapping[str, str] | None = None) -> ArchiveSettings | None:
@@ -238,7 +240,8 @@ class Archive:
     """A DICOMweb archive.
 
     Every failure comes out as an `ArchiveError` (or a subclass) with a message for a person;
-    the exception it replaces is chained for the log.
+    the exception it replaces is chained for the log. One HTTP session per instance: make one
+    per app session or request, not one shared by threads.
     """
 
     def __init__(self, settings: ArchiveSettings) -> None:
@@ -289,7 +292,6 @@ class Archive:
     def _failure(self, exc: Exception, action: str) -> ArchiveError:
         """The ArchiveError for a failed request."""
         import requests
-        from retrying import RetryError
 
         where = safe_url(self.settings.url)
         if isinstance(exc, ArchiveError):
@@ -309,7 +311,7 @@ class Archive:
             kind = "timed out" if isinstance(exc, requests.Timeout) else "cannot be reached"
             return ArchiveUnreachable(f"the archive at {where} {kind} ({action}, {self.settings.attempts} "
                                       "attempt(s)); check the URL and that the server is running")
-        if isinstance(exc, RetryError):
+        if type(exc).__name__ == "RetryError":  # dicomweb-client's retry library, after the last attempt
             return ArchiveError(f"the archive at {where} stayed busy ({action}, {self.settings.attempts} attempts)")
         if isinstance(exc, requests.RequestException):
             return ArchiveError(f"the request to the archive at {where} failed ({action}): {type(exc).__name__}")
@@ -421,11 +423,16 @@ class Archive:
             raise ArchiveError(f"the series has {series.instance_count} images, more than the {limit} "
                                "SecondLook reads at once")
         instances: list[Dataset] = []
+        size = 0
         try:
             for ds in self._client.retrieve_series(series.study_uid, series.series_uid):
                 instances.append(ds)
+                size += len(ds.get("PixelData") or b"")
                 if len(instances) > limit:
                     raise ArchiveError(f"the series has more than the {limit} images SecondLook reads at once")
+                if size > self.settings.max_bytes:
+                    raise ArchiveError(f"the series is larger than the {self.settings.max_bytes / 2**20:g} MB "
+                                       "SecondLook reads at once (the limit of uploads); nothing was kept")
         except Exception as exc:  # noqa: BLE001 - see _call
             got = len(instances)
             instances.clear()  # never hand on part of a series

@@ -277,3 +277,30 @@ def test_check_outputs_catches_a_leak_and_a_reused_uid(summary: ResultSummary) -
     outputs.pdf.SOPInstanceUID = summary.sources[0].SOPInstanceUID
     with pytest.raises(OutputError, match="PDF reuses SOPInstanceUID"):
         check_outputs(outputs, summary)
+    outputs = build_outputs(summary, pacs_ready=True)
+    outputs.pdf.preamble = None  # what a bare pydicom Dataset sends through dicomweb-client: no "DICM"
+    with pytest.raises(OutputError, match="PDF does not write and read back as a DICOM file"):
+        check_outputs(outputs, summary)
+
+
+def test_sparse_and_multiframe_sources(summary: ResultSummary) -> None:
+    from pydicom.uid import generate_uid
+
+    from benchmarks.samples import make_dicom
+
+    study = generate_uid()
+    sparse = read([make_dicom(np.zeros((32, 32), np.int16), extra={"StudyInstanceUID": study,
+                                                                    "SeriesInstanceUID": generate_uid()})])[0]
+    del sparse.PatientName, sparse.PatientID  # type 2, yet some files leave them out
+    multiframe = read([make_dicom(np.zeros((3, 32, 32), np.int16), extra={"StudyInstanceUID": study,
+                                                                          "SeriesInstanceUID": generate_uid()})])[0]
+    image = summary.overlays[0].image
+    odd = dataclasses.replace(summary, sources=(sparse, multiframe), key_slices=(), overlays=(Overlay(image, 1),))
+    outputs = build_outputs(odd, pacs_ready=True)
+    assert "PatientName" not in sparse and "PatientBirthDate" not in sparse  # the source is left as it was
+    sr = reread(outputs.sr)
+    assert sr.PatientName == "" and sr.PatientID == "" and sr.StudyInstanceUID == study
+    assert sorted(sr_tree(sr)["Source of Measurement"]) == sorted([sparse.SOPInstanceUID, multiframe.SOPInstanceUID])
+    for dataset in outputs.all():
+        verdict = dciodvfy(to_bytes(dataset))
+        assert verdict is None or verdict[0] == [], verdict
