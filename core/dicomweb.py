@@ -257,7 +257,7 @@ class Archive:
         self._session = session
         self._client = DICOMwebClient(url=settings.url, session=session, timeout=settings.timeout)
         # Retried: connection errors and 408/429/503/504, with waits of 0.25 s, 0.5 s, ... (not the
-        # library's 1 s, 2 s, 4 s, 8 s, which keep a reader waiting half a minute for a server that is down).
+        # library's 2 s, 4 s, 8 s, 16 s, which keep a reader waiting half a minute for a server that is down).
         self._client.set_http_retry_params(retry=settings.attempts > 1, max_attempts=settings.attempts,
                                            wait_exponential_multiplier=125)
 
