@@ -68,3 +68,15 @@ def viewer_sources(at) -> tuple[str, str]:
     """(left image, overlay) data URIs shown by the viewer."""
     left, right = viewer_figure(at)["data"]
     return left["source"], right["source"]
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory):
+    """A throwaway Orthanc with its DICOMweb plugin (tests/orthanc.py), or skip with the reason where it is missing."""
+    from tests.orthanc import orthanc_missing, orthanc_server
+
+    reason = orthanc_missing()
+    if reason:
+        pytest.skip(reason)
+    with orthanc_server(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
