@@ -11,7 +11,7 @@ noise, one scout image), zips it in shuffled order, then times, per round:
 - window: every slice through the model's window to 8-bit (`Series.window_8bit`, what the
   model's 8-bit training files hold), all arrays kept;
 - scan path (separately): every slice as a `Scan` through the single-image preprocessing
-  (`core.preprocess.model_pixels`, float32 at the model's input size), all kept.
+  (`core.preprocess.EvalPreset`, float32 at the model's input size), all kept.
 
 Peak memory added is the kernel's high-water mark of this process (VmHWM, reset through
 /proc/self/clear_refs before each round) minus the resident set before it, with the ZIP bytes
@@ -84,7 +84,7 @@ def reset_peak() -> bool:
 
 
 def one_round(data: bytes, spec: object, scan_path: bool) -> dict:
-    from core.preprocess import model_pixels
+    from core.preprocess import EvalPreset
     from core.series import read_study
 
     gc.collect()
@@ -104,7 +104,7 @@ def one_round(data: bytes, spec: object, scan_path: bool) -> dict:
     if scan_path:
         gc.collect()
         start = time.perf_counter()
-        inputs = [model_pixels(series.scan(i), spec) for i in range(len(series))]
+        inputs = [EvalPreset(spec)(series.scan(i)).grey for i in range(len(series))]
         figures["scan_preprocess_s"] = time.perf_counter() - start
         figures["inputs_mb"] = sum(item.nbytes for item in inputs) / 2**20
         del inputs

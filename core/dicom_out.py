@@ -55,7 +55,7 @@ from core.report import DISCLAIMER
 
 if TYPE_CHECKING:
     from core.cards import ModelCard
-    from core.predict import Prediction
+    from core.decision import Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -277,12 +277,13 @@ def summary_from_prediction(prediction: Prediction, card: ModelCard, *, sources:
     if prediction.flag:
         raise ValueError(f"no DICOM result for a scan the model refused: {prediction.flag}")
     unknown = set(unreliable) - {f.key for f in prediction.findings}
+    unreliable = set(unreliable) | {f.key for f in prediction.findings if f.unreliable}
     if unknown:
         raise ValueError(f"unknown findings {sorted(unknown)}; one of {[f.key for f in prediction.findings]}")
     return ResultSummary(
         model_key=card.key, model_name=card.name, model_version=card.version, model_sha256=card.sha256,
         labels=tuple(prediction.labels), probabilities=tuple(float(p) for p in prediction.probabilities),
-        call=prediction.label, uncertain=prediction.uncertain, threshold=prediction.threshold,
+        call=prediction.headline()[0], uncertain=prediction.uncertain, threshold=prediction.threshold,
         positive=prediction.positive,
         findings=tuple(FindingResult(f.key, f.title, f.probability, f.threshold, f.key not in unreliable)
                        for f in prediction.findings),

@@ -270,7 +270,7 @@ class Series:
     def window_8bit(self, index: int, window: tuple[float, float]) -> np.ndarray:
         """One slice through a (centre, width) window from its values, as an 8-bit image.
 
-        For a CT model this is what `core.preprocess.base_pixels` gives before the spec's own
+        For a CT model this is what `core.preprocess.eight_bit` gives before the spec's own
         preprocessing steps (times 255), and what the model's 8-bit training files hold.
         Integer slices go through a lookup table over the stored values (one per rescale and
         window, cached), so no float copy of the slice is made.

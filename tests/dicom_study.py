@@ -76,14 +76,16 @@ def analyse(classifier, datasets: list[Dataset], *, with_pdf: bool = True) -> Re
 
     from core.explain import compute_cam, overlay
     from core.imaging import read_scan
-    from core.predict import predict_batch, upload_digest
-    from core.preprocess import display_rgb, model_input
+    from core.decision import predict
+    from core.guard import check_tags
+    from core.pipeline import upload_digest
+    from core.preprocess import EvalPreset, display_rgb
     from core.report import ReportContent, render_pdf
 
     spec, card = classifier.spec, classifier.card
     scans = [read_scan(to_bytes(ds)) for ds in datasets]
-    tensors = [model_input(scan, spec) for scan in scans]
-    predictions = predict_batch(classifier, torch.cat(tensors), scans)
+    tensors = [EvalPreset(spec)(scan).tensor for scan in scans]
+    predictions = predict(classifier, torch.cat(tensors), [check_tags(scan, spec) for scan in scans])
     target = spec.label_index(spec.positive) if spec.positive in spec.labels else 0
     key = int(np.argmax([p.probabilities[target] for p in predictions]))
     rgb = display_rgb(scans[key])

@@ -177,7 +177,8 @@ def test_sr_carries_the_model_the_probabilities_and_the_call(summary: ResultSumm
     else:
         assert evaluations["CALL"].value == summary.call
     for finding in summary.findings:
-        assert evaluations[finding.key].meaning == finding.status.capitalize()
+        assert evaluations[finding.key].meaning == {"unreliable": "Not reported: unreliable output"}.get(
+            finding.status, finding.status.capitalize())
     tree = sr_tree(sr)
     assert tree["Algorithm Name"] == [summary.model_name] and tree["Algorithm Version"] == [summary.model_version]
     assert f"weights sha256 {summary.model_sha256}" in tree["Algorithm Parameters"]
@@ -256,16 +257,18 @@ def test_bad_summaries_are_refused(summary: ResultSummary) -> None:
 def test_a_flagged_prediction_gets_no_dicom_result() -> None:
     import torch
 
-    from core.predict import predict_tensor
+    from core.decision import predict
+    from core.guard import GuardVerdict
 
     classifier = bundled_model("head_ct")
-    prediction = dataclasses.replace(predict_tensor(classifier, torch.zeros(1, 3, classifier.spec.input_size,
-                                                                            classifier.spec.input_size)),
-                                     flag="the DICOM file says its modality is MR")
+    prediction = dataclasses.replace(predict(classifier, torch.zeros(1, 3, classifier.spec.input_size,
+                                                                     classifier.spec.input_size))[0],
+                                     guard=GuardVerdict("out_of_range", "the DICOM file says its modality is MR"))
     with pytest.raises(ValueError, match="refused"):
         summary_from_prediction(prediction, classifier.card)
     with pytest.raises(ValueError, match="unknown findings"):
-        summary_from_prediction(dataclasses.replace(prediction, flag=None), classifier.card, unreliable=["nope"])
+        summary_from_prediction(dataclasses.replace(prediction, guard=GuardVerdict.passed()), classifier.card,
+                                unreliable=["nope"])
 
 
 def test_check_outputs_catches_a_leak_and_a_reused_uid(summary: ResultSummary) -> None:

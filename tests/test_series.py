@@ -15,7 +15,7 @@ import pytest
 
 from core import series as series_module
 from core.imaging import CT_WINDOW_PRESETS, Scan, ScanError, read_scan, window_values
-from core.preprocess import base_pixels
+from core.preprocess import eight_bit
 from core.series import (
     BURNED_IN_REASON,
     Series,
@@ -484,7 +484,7 @@ def test_model_window_8bit_is_what_preprocessing_gives_the_model() -> None:
             assert eight.dtype == np.uint8
             expected = np.round(window_values(series.hu(i), *spec.ct_window) * 255).astype(np.uint8)
             np.testing.assert_array_equal(eight, expected)
-            np.testing.assert_array_equal(eight, np.round(base_pixels(series.scan(i), spec) * 255).astype(np.uint8))
+            np.testing.assert_array_equal(eight, eight_bit(series.scan(i), spec))
     assert sum(1 for _ in series.windowed(BRAIN_WINDOW)) == 5
 
 
@@ -629,7 +629,7 @@ def test_head_ct_patient_rebuilt_as_a_series_windows_back_to_its_pixels() -> Non
     assert series.geometry.gaps == () and series.geometry.spacing == pytest.approx(5.0)
     for i, grey in enumerate(originals):
         np.testing.assert_array_equal(series.window_8bit(i, spec.ct_window), grey)
-        np.testing.assert_array_equal(np.round(base_pixels(series.scan(i), spec) * 255).astype(np.uint8), grey)
+        np.testing.assert_array_equal(eight_bit(series.scan(i), spec), grey)
 
 
 def test_real_ct_files_group_into_their_series_and_match_read_scan() -> None:
