@@ -47,9 +47,9 @@ class ModelCard:
     indeterminate: dict[str, Any] = field(default_factory=dict)
     explanations: dict[str, Any] = field(default_factory=dict)
     shortcuts: dict[str, Any] = field(default_factory=dict)
-    acquisition: dict[str, Any] = field(default_factory=dict)  # core.framing: size / aspect / border shortcuts
+    acquisition: dict[str, Any] = field(default_factory=dict)  # core.lab.framing: size / aspect / border shortcuts
     # multi-label models: per finding, in registry order: title, temperature, threshold, threshold_rule,
-    # validation and test figures (core.train)
+    # validation and test figures (core.lab.train)
     findings: dict[str, Any] = field(default_factory=dict)
     limitations: list[str] = field(default_factory=list)
     card_version: int = CARD_VERSION

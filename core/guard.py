@@ -11,7 +11,7 @@ Two checks, in order:
 Three outcomes (`judge`): in range (answered), borderline (answered with a warning and the reason),
 out of range (refused with the reason; the reader may still ask to see the output).
 
-Fit and measure with `python -m core.guard_fit --data-root DIR`.
+Fit and measure with `python -m core.lab.guard_fit --data-root DIR`.
 """
 
 from __future__ import annotations

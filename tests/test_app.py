@@ -219,7 +219,7 @@ def test_bad_files_get_a_plain_message_and_the_page_keeps_working(name: str, dat
 
 def test_a_flagged_upload_is_not_classified_until_the_reader_asks() -> None:
     """A document on the Brain MRI page: flagged, no output shown, unless the reader insists."""
-    from core.guard_fit import document_arrays
+    from core.lab.guard_fit import document_arrays
 
     at = page("Brain MRI")
     at.file_uploader[0].set_value(("letter.png", encode(document_arrays(1, seed=5)[0]), "image/png")).run()

@@ -1,4 +1,4 @@
-"""`python -m core.data audit`: near-duplicate groups, label conflicts and split leaks of any folder."""
+"""`python -m core.lab.audit audit`: near-duplicate groups, label conflicts and split leaks of any folder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from core.data import audit_near_duplicates, read_records
+from core.lab.data import audit_near_duplicates, read_records
 from tests.conftest import REPO, data_folder, encode
 
 
@@ -46,7 +46,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def test_audit_catches_copies_and_counts_leaks(folder: Path) -> None:
-    from core.data import _scan_pixels
+    from core.lab.audit import _scan_pixels
 
     records = read_records(folder)
     audit = audit_near_duplicates(records, _scan_pixels(records), [r.split for r in records])
@@ -58,7 +58,7 @@ def test_audit_catches_copies_and_counts_leaks(folder: Path) -> None:
 
 
 def test_audit_command(folder: Path) -> None:
-    run = lambda *a: subprocess.run([sys.executable, "-m", "core.data", "audit", *a], capture_output=True, text=True,
+    run = lambda *a: subprocess.run([sys.executable, "-m", "core.lab.audit", "audit", *a], capture_output=True, text=True,
                                     cwd=REPO, timeout=300)
     text = run("--data", str(folder))
     assert text.returncode == 0, text.stderr
@@ -75,7 +75,7 @@ def test_audit_command(folder: Path) -> None:
 def test_audit_of_a_bundled_models_split_finds_no_leak() -> None:
     """The split recorded in ct_covid's card, re-carved, has no near-duplicate across its sides."""
     data = data_folder("ct_covid")
-    result = subprocess.run([sys.executable, "-m", "core.data", "audit", "--data", str(data), "--task", "ct_covid",
+    result = subprocess.run([sys.executable, "-m", "core.lab.audit", "audit", "--data", str(data), "--task", "ct_covid",
                              "--split", "card", "--json"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr
     audit = json.loads(result.stdout)
@@ -84,7 +84,7 @@ def test_audit_of_a_bundled_models_split_finds_no_leak() -> None:
 
 
 def test_window_facts_read_grey_levels_back_in_hu() -> None:
-    from core.data import window_facts
+    from core.lab.audit import window_facts
 
     image = np.zeros((10, 10), np.uint8)
     image[:5] = 255  # half clipped white

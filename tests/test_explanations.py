@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.appraisal import (bootstrap_intervals, indeterminate_band, randomisation_stages, reliability, roc_curves,
+from core.lab.appraisal import (bootstrap_intervals, indeterminate_band, randomisation_stages, reliability, roc_curves,
                             sanity_check, stratified_sample)
 from core.cards import card_from_spec, read_card
 from core.explain import METHODS, compute_cam, draw_region, locate, road_score

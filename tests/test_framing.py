@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.data import read_records
-from core.framing import REFRAMINGS, acquisition_check, check, frame_features, reframe
+from core.lab.data import read_records
+from core.lab.framing import REFRAMINGS, acquisition_check, check, frame_features, reframe
 from core.models import load_model
 from core.tasks import get_task
 from tests.conftest import encode, synthetic_slice

@@ -66,7 +66,7 @@ PHOTO_BAR = {("head_ct", "photos_held_out"): 0.85, ("cxr_covid", "photos_held_ou
 
 
 def test_documents_are_flagged_by_every_model() -> None:
-    from core.guard_fit import document_arrays
+    from core.lab.guard_fit import document_arrays
 
     scans = [read_scan(encode(page), "page.png") for page in document_arrays(6, seed=9)]
     for key in TASKS:

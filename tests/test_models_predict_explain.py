@@ -214,8 +214,8 @@ def test_decide_with_a_threshold_on_one_of_three_classes() -> None:
 
 def test_a_threshold_on_a_group_of_classes() -> None:
     """cxr_pneumonia screens for pneumonia = bacterial + viral: the summed probability is thresholded."""
-    from core.appraisal import _binary_scores
-    from core.evaluate import compute_metrics, threshold_figures
+    from core.lab.appraisal import _binary_scores
+    from core.lab.evaluate import compute_metrics, threshold_figures
     from core.decision import decision_distance, positive_mask, positive_score
 
     labels = ("normal", "bacterial", "viral")

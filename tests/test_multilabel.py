@@ -1,7 +1,7 @@
 """Multi-label outputs through core: exclusive classes plus independent findings (the head_ct spec).
 
 A tiny synthetic head-CT-like folder (patients, a few positive slices each, finding columns) goes
-through core.train, core.evaluate, core.predict, the CAM and ROAD code; the pieces that decide the
+through core.lab.train, core.lab.evaluate, core.predict, the CAM and ROAD code; the pieces that decide the
 figures (loss, pos_weight, temperatures, split stratification, finding columns) are checked on
 inputs whose answer is known.
 """
@@ -20,15 +20,15 @@ import torch
 
 from core.calibration import fit_binary_temperature, output_probabilities
 from core.cards import check_card, read_card
-from core.data import BalancedSampler, Record, carve_split, finding_targets, read_records
-from core.evaluate import compute_finding_metrics
+from core.lab.data import BalancedSampler, Record, carve_split, finding_targets, read_records
+from core.lab.evaluate import compute_finding_metrics
 from core.explain import compute_cam, road_score
 from core.models import load_model
 from core.pipeline import Answer, predict_uploads, result_row
 from core.preprocess import EvalPreset
 from core.imaging import read_scan
 from core.tasks import get_task
-from core.train import OutputLoss, finding_pos_weight, get_args_parser, main
+from core.lab.train import OutputLoss, finding_pos_weight, get_args_parser, main
 from tests.conftest import REPO, encode, synthetic_slice
 
 SPEC = get_task("head_ct")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.calibration import choose_threshold, expected_calibration_error, fit_temperature, sensitivity_specificity, softmax
-from core.data import (
+from core.lab.data import (
     Record,
     difference_hash,
     near_duplicate_groups,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from core.data import read_records
+from core.lab.data import read_records
 from core.imaging import read_scan
 from core.models import WEIGHTS_DIR, load_model
 from core.pipeline import predict_scan

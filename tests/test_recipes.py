@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from core.cards import read_card
-from core.data import load_pixels, preprocess_pixels, read_records, recorded_split
+from core.lab.data import load_pixels, preprocess_pixels, read_records, recorded_split
 from core.explain import compute_cam
 from core.imaging import Scan, read_scan
 from core.models import WeightsError, load_candidate, load_model, recipe_spec
 from core.preprocess import PREPROCESSING, EvalPreset, apply_steps, border_box, border_crop, clahe
 from core.tasks import PREPROCESSING_STEPS, TaskSpec, get_task
-from core.train import get_args_parser, main
+from core.lab.train import get_args_parser, main
 from tests.conftest import REPO, encode, synthetic_slice
 
 STEPS = ("border_crop", "clahe")

@@ -8,7 +8,7 @@ import torch
 
 from core.cards import card_from_spec, read_card
 from core.models import WEIGHTS_DIR, Classifier
-from core.shortcuts import audit, format_audit, lung_mask, variant
+from core.lab.shortcuts import audit, format_audit, lung_mask, variant
 from core.tasks import get_task
 
 

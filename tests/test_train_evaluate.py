@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from core.cards import read_card
-from core.data import BalancedSampler
+from core.lab.data import BalancedSampler
 from core.models import load_model
 from core.tasks import get_task
-from core.train import get_args_parser, main
+from core.lab.train import get_args_parser, main
 from tests.conftest import REPO, encode, synthetic_slice
 
 LABELS = ("normal", "benign", "malignant")
@@ -109,8 +109,8 @@ def test_training_imports_stay_lean() -> None:
         "import sys\n"
         "for name in ('streamlit', 'pytorch_grad_cam', 'pydicom', 'plotly'):\n"
         "    sys.modules[name] = None\n"
-        "import core.train, core.evaluate\n"
-        "core.train.get_args_parser().parse_args(['--task', 'brain_mri', '--data', '.'])\n"
+        "import core.lab.train, core.lab.evaluate\n"
+        "core.lab.train.get_args_parser().parse_args(['--task', 'brain_mri', '--data', '.'])\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -118,7 +118,7 @@ def test_training_imports_stay_lean() -> None:
 
 def test_torchrun_two_cpu_processes_match_the_single_process_format(synthetic_folder: Path, trained: Path,
                                                                     tmp_path: Path) -> None:
-    """core.train under torchrun (2 ranks, gloo): one card and one weights file, same format, loadable."""
+    """core.lab.train under torchrun (2 ranks, gloo): one card and one weights file, same format, loadable."""
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "core.train", "--task", "ct_cancer", "--data", str(synthetic_folder), "--pretrained", "none",
@@ -154,7 +154,7 @@ def test_balanced_sampler_shards_one_balanced_draw() -> None:
 
 
 def test_crossval_folds_hold_whole_groups_and_report_spread(synthetic_folder: Path, tmp_path: Path) -> None:
-    from core.crossval import assign_folds
+    from core.lab.crossval import assign_folds
 
     groups = np.repeat(np.arange(10), 3)
     labels = ["a"] * 15 + ["b"] * 15
@@ -165,7 +165,7 @@ def test_crossval_folds_hold_whole_groups_and_report_spread(synthetic_folder: Pa
         assign_folds(labels, groups, 1, seed=0)
 
     report = tmp_path / "cv.json"
-    result = subprocess.run([sys.executable, "-m", "core.crossval", "--task", "ct_cancer", "--data", str(synthetic_folder),
+    result = subprocess.run([sys.executable, "-m", "core.lab.crossval", "--task", "ct_cancer", "--data", str(synthetic_folder),
                              "--pretrained", "none", "--head-epochs", "0", "--epochs", "1", "--batch-size", "8",
                              "--device", "cpu", "--folds", "3", "--report", str(report)],
                             capture_output=True, text=True, cwd=REPO, timeout=600)

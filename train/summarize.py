@@ -123,7 +123,7 @@ def findings_table(folder: Path) -> None:
 
 
 def shortcut_table(paths: list[Path]) -> None:
-    """The shortcut audit (core.shortcuts) of every card that has one, with its recipe."""
+    """The shortcut audit (core.lab.shortcuts) of every card that has one, with its recipe."""
     print("| key | recipe | preprocessing | as is: accuracy / ROC-AUC | sens / spec at threshold | lungs blanked | "
           "only lungs kept | Grad-CAM mass in the lung fields |")
     print("|---|---|---|---|---|---|---|---|")

@@ -14,7 +14,7 @@ from ui.widgets import confusion_figure, disclaimer, reliability_figure, roc_fig
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1",
                 "roc_auc": "ROC-AUC", "sensitivity": "Sensitivity at the threshold",
                 "specificity": "Specificity at the threshold"}
-APPRAISE_HINT = "python -m core.appraisal --task {key} --data ../shared/data/{key}"
+APPRAISE_HINT = "python -m core.lab.appraisal --task {key} --data ../shared/data/{key}"
 
 
 def _num(value: object, digits: int = 3) -> str:

@@ -1,8 +1,8 @@
 """Acquisition shortcut check for any model: do image size, aspect ratio or border predict the label?
 
 Usage:
-    python -m core.framing --task brain_mri --data ../shared/data/brain_mri
-    python -m core.framing --task brain_mri --data ../shared/data/brain_mri --write-card
+    python -m core.lab.framing --task brain_mri --data ../shared/data/brain_mri
+    python -m core.lab.framing --task brain_mri --data ../shared/data/brain_mri --write-card
 
 Where each class comes from a different source, the frame around the anatomy can give the label
 away (brain_mri: "no_tumor" comes mostly from Br35H, with other sizes and sequences). On the
@@ -27,12 +27,12 @@ import sys
 
 import numpy as np
 
-from core.data import recorded_split
-from core.evaluate import card_section_parser, compute_metrics, run_card_section
+from core.lab.data import recorded_split
+from core.lab.evaluate import card_section_parser, compute_metrics, run_card_section
 from core.models import Classifier
 from core.decision import decide
 from core.preprocess import EvalPreset
-from core.shortcuts import batch_probabilities
+from core.lab.shortcuts import batch_probabilities
 from core.tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def check(classifier: Classifier, records: list, seed: int = 0) -> dict:
             "method": f"gradient-boosted trees on frame features (border = outer {BORDER:.0%}; black < {DARK}/255), "
                       "fitted on the card's train side, scored on its test side; re-framing pads with black or "
                       "centre-crops the stored image before the usual resize",
-            "command": f"python -m core.framing --task {spec.key} --data DIR"}
+            "command": f"python -m core.lab.framing --task {spec.key} --data DIR"}
 
 
 def format_check(section: dict, key: str) -> str:

@@ -1,8 +1,8 @@
 """Appraise a bundled model on its card's held-out split and write what a reader needs into the card.
 
 Usage:
-    python -m core.appraisal --task brain_mri --data ../shared/data/brain_mri
-    python -m core.appraisal --task ct_covid --data DIR --faithfulness-images 48 --sanity-images 16 --dry-run
+    python -m core.lab.appraisal --task brain_mri --data ../shared/data/brain_mri
+    python -m core.lab.appraisal --task ct_covid --data DIR --faithfulness-images 48 --sanity-images 16 --dry-run
 
 Re-carves the card's split (`core.evaluate --card-split test` does the same), scores the
 test side once and adds to the card:
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from core.cards import read_card, write_card
-from core.data import check_labels, group_records, preprocess_pixels, read_records
-from core.data import recorded_split
-from core.evaluate import compute_finding_metrics, compute_metrics, score_records
+from core.lab.data import check_labels, group_records, preprocess_pixels, read_records
+from core.lab.data import recorded_split
+from core.lab.evaluate import compute_finding_metrics, compute_metrics, score_records
 from core.explain import METHODS, ROAD_PERCENTILES, compute_cam, road_score
 from core.cards import ModelCard
 from core.decision import Band, decide, decision_distance, log_odds, positive_mask, positive_score

@@ -1,6 +1,6 @@
 """K-fold cross-validation over patient and near-duplicate groups, to choose a recipe honestly.
 
-    python -m core.crossval --task ct_covid --data ../shared/data/ct_covid --folds 5 \
+    python -m core.lab.crossval --task ct_covid --data ../shared/data/ct_covid --folds 5 \
         --pretrained ../shared/pretrained/mobilenet_v2-features-imagenet-onnxzoo7-webnn.pth \
         --head-epochs 1 --epochs 12 --unfreeze 5 --device cpu --report train/ct_covid_cv.json
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.data import (
+from core.lab.data import (
     check_labels,
     group_records,
     read_records,
@@ -36,9 +36,9 @@ from core.data import (
 )
 from core.models import recipe_spec
 from core.tasks import get_task
-from core.train import Runtime, fit_and_score, get_args_parser, parse_steps, seed_everything, split_from_sides
+from core.lab.train import Runtime, fit_and_score, get_args_parser, parse_steps, seed_everything, split_from_sides
 
-logger = logging.getLogger("core.crossval")
+logger = logging.getLogger("core.lab.crossval")
 
 SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("fold %d: %s", k + 1, row)
     summary = summarize(rows)
     result = {"task": spec.key, "arch": arch, "preprocessing": list(spec.preprocessing), "folds": rows, "summary": summary,
-              "command": "python -m core.crossval " + " ".join(argv),
+              "command": "python -m core.lab.crossval " + " ".join(argv),
               "groups": "near-duplicate groups merged with patients, dealt to folds by majority label"}
     for row in rows:
         print(json.dumps(row))

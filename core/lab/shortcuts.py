@@ -1,8 +1,8 @@
 """Shortcut audit for chest X-ray models: does the model read the lungs, or the source?
 
 Usage:
-    python -m core.shortcuts --task cxr_covid --data ../shared/data/cxr_covid
-    python -m core.shortcuts --task cxr_pneumonia --data ../shared/data/cxr_pneumonia --write-card
+    python -m core.lab.shortcuts --task cxr_covid --data ../shared/data/cxr_covid
+    python -m core.lab.shortcuts --task cxr_pneumonia --data ../shared/data/cxr_pneumonia --write-card
 
 On the test side of the card's split, the model is scored three times: on the images as they
 are, with the lung fields blanked out, and with only the lung fields kept (everything else
@@ -29,9 +29,9 @@ import sys
 import numpy as np
 import torch
 
-from core.appraisal import stratified_sample
-from core.data import preprocess_pixels
-from core.evaluate import card_section_parser, card_side, compute_metrics, run_card_section
+from core.lab.appraisal import stratified_sample
+from core.lab.data import preprocess_pixels
+from core.lab.evaluate import card_section_parser, card_side, compute_metrics, run_card_section
 from core.explain import DEFAULT_METHOD, METHODS, compute_cam
 from core.decision import card_probabilities, decide
 from core.models import Classifier
@@ -93,7 +93,7 @@ def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], c
 
     Args:
         classifier: A loaded chest X-ray model.
-        images: uint8 (H, W) model pixels as `core.data.load_pixels` gives them.
+        images: uint8 (H, W) model pixels as `core.lab.data.load_pixels` gives them.
         labels: Their class keys.
         cam_images: How many images (evenly across classes) for the CAM mass.
         method: CAM method (default: the card's default method).
@@ -137,7 +137,7 @@ def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], c
         "cam": {"method": method, "images": len(inside),
                 "mass_in_lungs_mean": float(np.mean(inside)) if inside else None,
                 "mass_in_lungs_median": float(np.median(inside)) if inside else None},
-        "command": f"python -m core.shortcuts --task {spec.key} --data DIR",
+        "command": f"python -m core.lab.shortcuts --task {spec.key} --data DIR",
     }
 
 

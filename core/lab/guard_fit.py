@@ -1,6 +1,6 @@
 """Fit a model's wrong-input guard and measure it; writes weights/guard/<key>.safetensors and the card.
 
-Run as `python -m core.guard --data-root ../shared/data [--task KEY]`. Measured on:
+Run as `python -m core.lab.guard_fit --data-root ../shared/data [--task KEY]`. Measured on:
 - the right task: the test side of the split recorded in the card (never used to fit);
 - every other task's test split (a seeded sample per task);
 - non-medical images: the half of scikit-image's sample photos not used to fit (whole,
@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from core.cards import read_card, write_card
-from core.data import ScanDataset, read_records, recorded_split
+from core.lab.data import ScanDataset, read_records, recorded_split
 from core.guard import VAL_QUANTILE, GuardStats
 from core.imaging import ScanError, read_scan
 from core.models import WEIGHTS_DIR, Classifier, load_model, sha256_file
@@ -223,10 +223,34 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             "measured_on": ("own test split; other tasks' test splits (seeded sample); the other "
                             f"{len(PHOTOS[1::2])} scikit-image photos (whole, mirrored, cropped); "
                             "documents/screenshots drawn with another seed"),
-            "command": "python -m core.guard " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m core.lab.guard_fit " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         write_card(card, folder / f"{key}.json")
         results[key] = measured
         logger.info("%s guard: %s", key, json.dumps(measured))
     print(json.dumps(results, indent=1))
     return results
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Fit and measure the models' wrong-input guards.")
+    parser.add_argument("--data-root", required=True, type=Path, help="folder holding every task's data folder")
+    parser.add_argument("--task", action="append", default=None, help="registry key (repeatable; default: all)")
+    parser.add_argument("--fit-images", type=int, default=1500, help="own training images used to fit (seeded sample)")
+    parser.add_argument("--other-images", type=int, default=400, help="training images per other task used to fit")
+    parser.add_argument("--test-images", type=int, default=300, help="test images per other task used to measure")
+    parser.add_argument("--weights-dir", type=Path, default=None, help="default: the bundled weights folder")
+    parser.add_argument("--non-medical-weight", type=float, default=None,
+                        help="weight of each photo / document among the negatives, relative to a scan (default 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    fit_all(parser.parse_args(argv), argv)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    raise SystemExit(main())
