@@ -221,18 +221,35 @@ def rle_dicom_bomb(side: int = 64, expanded: int = 20 * 2**20) -> bytes:
     return buffer.getvalue()
 
 
-def jpeg_dicom(declared: int, actual: int) -> bytes:
-    """A JPEG Baseline DICOM whose header says declared x declared but whose codestream is actual x actual."""
+def compressed_dicom(declared: int, actual: int, codec: str = "JPEG") -> bytes:
+    """A compressed DICOM whose header says declared x declared but whose codestream is actual x actual.
+
+    Args:
+        declared: Rows and Columns written in the header.
+        actual: Side of the image inside the codestream.
+        codec: "JPEG" (baseline, written by Pillow), "JPEG2000" (a raw codestream, by Pillow)
+            or "JPEGLS" (only a frame header: enough for a size check, not for decoding).
+    """
     import pydicom
     from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGBaseline8Bit
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless
 
-    codestream = pillow_bytes(synthetic_slice(actual, seed=2), "JPEG", quality=90)
+    if codec == "JPEG":
+        codestream, syntax = pillow_bytes(synthetic_slice(actual, seed=2), "JPEG", quality=90), JPEGBaseline8Bit
+    elif codec == "JPEG2000":
+        codestream = pillow_bytes(synthetic_slice(actual, seed=2), "JPEG2000", no_jp2=True, irreversible=False)
+        syntax = JPEG2000Lossless
+    elif codec == "JPEGLS":
+        # SOI, then SOF55 (JPEG-LS): length 11, precision 8, height, width, one component
+        codestream = b"\xff\xd8\xff\xf7" + struct.pack(">HBHHB3B", 11, 8, actual, actual, 1, 1, 0x11, 0) + b"\x00" * 64
+        syntax = JPEGLSLossless
+    else:
+        raise ValueError(f"unknown codec {codec!r}; one of JPEG, JPEG2000, JPEGLS")
     ds = pydicom.dcmread(io.BytesIO(make_dicom(np.zeros((declared, declared), np.int16), modality="OT", slope=None)))
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
-    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.PixelData = encapsulate([codestream])
     ds["PixelData"].VR = "OB"
     buffer = io.BytesIO()

@@ -32,7 +32,6 @@ import io
 import logging
 import re
 import struct
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,37 +213,37 @@ def _read_image(data: bytes) -> Scan:
 
     steps: list[str] = []
     try:
-        # Turn Pillow's bomb warning into an error for this call only; the global filter stays.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
-            fmt = image.format or "unknown"
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ScanError(
-                    f"The image declares {width} x {height} pixels, more than the "
-                    f"{MAX_PIXELS // 1_000_000} million accepted; it was not decoded."
-                )
-            _check_size(width, height)
-            pages = _page_count(image)
-            if pages > 1:
-                count = f"{pages}" if pages < MAX_PAGES_COUNTED else f"{MAX_PAGES_COUNTED} or more"
-                steps.append(f"first of {count} pages used")
-            orientation = _exif_orientation(image)
-            mode = image.mode
-            target = _target_size(width, height)
-            if fmt in ("JPEG", "MPO") and target != (width, height):
-                # DCT scaling: the decoder itself produces a 1/2, 1/4 or 1/8 size image.
-                image.draft(image.mode, target)
-            image.load()
-            if target != (width, height):
-                steps.append(f"shrunk from {width} x {height} to {target[0]} x {target[1]} px "
-                             f"(longest side at most {MAX_IMAGE_SIDE})")
-            gray = _to_gray(image, target, steps)
-            method = _transpose_method(orientation)
-            if method is not None:
-                gray = gray.transpose(method)
-                steps.append("rotated upright from EXIF orientation")
+        # No warnings.catch_warnings here: it swaps process-wide state under concurrent sessions.
+        # Pillow raises DecompressionBombError itself past twice its limit; below that, the
+        # declared size is refused here, before anything is decoded.
+        image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
+        fmt = image.format or "unknown"
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise ScanError(
+                f"The image declares {width} x {height} pixels, more than the "
+                f"{MAX_PIXELS // 1_000_000} million accepted; it was not decoded."
+            )
+        _check_size(width, height)
+        pages = _page_count(image)
+        if pages > 1:
+            count = f"{pages}" if pages < MAX_PAGES_COUNTED else f"{MAX_PAGES_COUNTED} or more"
+            steps.append(f"first of {count} pages used")
+        orientation = _exif_orientation(image)
+        mode = image.mode
+        target = _target_size(width, height)
+        if fmt in ("JPEG", "MPO") and target != (width, height):
+            # DCT scaling: the decoder itself produces a 1/2, 1/4 or 1/8 size image.
+            image.draft(image.mode, target)
+        image.load()
+        if target != (width, height):
+            steps.append(f"shrunk from {width} x {height} to {target[0]} x {target[1]} px "
+                         f"(longest side at most {MAX_IMAGE_SIDE})")
+        gray = _to_gray(image, target, steps)
+        method = _transpose_method(orientation)
+        if method is not None:
+            gray = gray.transpose(method)
+            steps.append("rotated upright from EXIF orientation")
     except ScanError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -260,9 +259,9 @@ def _read_image(data: bytes) -> Scan:
         logger.info("image decoding failed: %s", type(exc).__name__)
         raise ScanError(f"The image file is damaged or truncated and cannot be decoded ({type(exc).__name__}).") from None
 
-    pixels = np.asarray(gray, dtype=np.float32)
+    pixels = np.array(gray, dtype=np.float32)  # a writable copy (np.asarray of a Pillow image is read-only)
     if gray.mode == "L":
-        pixels = pixels / np.float32(255.0)
+        pixels /= np.float32(255.0)
     info = {"format": fmt, "mode": mode, "width": width, "height": height}
     if pages > 1:
         info["frames"] = pages
@@ -628,14 +627,12 @@ def check_pixel_budget(ds: Any, frames: int = 1, max_pixels: int = MAX_PIXELS,
     return geometry
 
 
-_PILLOW_CODESTREAMS = ("JPEG", "JPEG2000")
-
-
 def _check_codestream(ds: Any, index: int, geometry: PixelGeometry) -> None:
     """For a compressed frame, refuse before decoding a codestream larger than the header says.
 
-    A JPEG or JPEG 2000 codestream carries its own size, and RLE segments can expand 64-fold:
-    a decoder would follow those, not Rows x Columns.
+    JPEG (all processes, JPEG-LS included) and JPEG 2000 codestreams carry their own size, and
+    RLE segments can expand 64-fold: a decoder follows those, not Rows x Columns, whichever
+    decoder plugin is installed.
     """
     from pydicom.encaps import get_frame
     from pydicom.uid import RLELossless
@@ -645,20 +642,47 @@ def _check_codestream(ds: Any, index: int, geometry: PixelGeometry) -> None:
     if syntax == RLELossless:
         _check_rle(frame, geometry)
         return
-    if not (syntax.name.startswith("JPEG") and "LS" not in syntax.name and "HTJ2K" not in syntax.name):
-        return
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(frame), formats=list(_PILLOW_CODESTREAMS)) as codestream:
-            width, height = codestream.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
-        return  # not a header Pillow reads (e.g. lossless JPEG); the decoder itself decides
-    if width * height > geometry.frame_pixels:
+    size = _codestream_size(frame)
+    if size is None:
+        return  # not JPEG or JPEG 2000: the decoder, if any is installed, decides
+    width, height = size
+    if width <= 0 or height <= 0 or width * height > geometry.frame_pixels:
         raise ScanError(
             "The compressed image inside the DICOM file is larger than its header says "
             f"({width} x {height} against {geometry.columns} x {geometry.rows}); it was not decoded."
         )
+
+
+# JPEG start-of-frame markers (ITU T.81 B.1.1.3, T.87 for JPEG-LS): every process but DHT/JPG/DAC.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+_J2K_SIZ = b"\xff\x4f\xff\x51"  # start of codestream, then the image and tile size marker
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG or JPEG 2000 codestream declares, without decoding; None for other data."""
+    if frame[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 4 <= len(frame):
+            if frame[pos] != 0xFF:
+                return None
+            marker = frame[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in _JPEG_SOF:
+                if pos + 9 > len(frame):
+                    return None
+                height, width = struct.unpack_from(">HH", frame, pos + 5)
+                return width, height  # a height of 0 (set later by DNL) is refused by the caller
+            if marker == 0xDA:  # start of scan before any frame header
+                return None
+            pos += 2 if 0xD0 <= marker <= 0xD7 or marker == 0x01 else 2 + struct.unpack_from(">H", frame, pos + 2)[0]
+        return None
+    at = frame.find(_J2K_SIZ, 0, 4096)  # a raw codestream starts with it; a JP2 file has it in a box
+    if at < 0 or at + 24 > len(frame):
+        return None
+    x_size, y_size, x_offset, y_offset = struct.unpack_from(">4L", frame, at + 8)
+    return x_size - x_offset, y_size - y_offset
 
 
 def _check_rle(frame: bytes, geometry: PixelGeometry) -> None:
@@ -810,10 +834,7 @@ def _decode_frame(ds: Any, index: int, geometry: PixelGeometry, photometric: str
     try:
         if getattr(syntax, "is_encapsulated", False) and "PixelData" in ds:
             _check_codestream(ds, index, geometry)
-        with warnings.catch_warnings():
-            # A codestream Pillow decodes inside pydicom stays under Pillow's bomb limit too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            array = pixel_array(ds, index=index)
+        array = pixel_array(ds, index=index)
     except ScanError:
         raise
     except (NotImplementedError, RuntimeError, ImportError) as exc:

@@ -183,7 +183,8 @@ CORPUS: dict[str, tuple[str, Factory, str]] = {
     "dicom_enhanced_ct_per_frame": ("enhanced2.dcm", lambda: hf.enhanced_ct(per_frame=True), "ok"),
     "dicom_nested_200": ("nested.dcm", hf.nested_sequence_dicom, "refused"),
     "dicom_rle_bomb": ("rle.dcm", lambda: hf.rle_dicom_bomb(64, 8 * 2**20), "refused"),
-    "dicom_jpeg_larger_than_header": ("jpeg.dcm", lambda: hf.jpeg_dicom(64, 1024), "refused"),
+    "dicom_jpeg_larger_than_header": ("jpeg.dcm", lambda: hf.compressed_dicom(64, 1024), "refused"),
+    "dicom_j2k_larger_than_header": ("j2k.dcm", lambda: hf.compressed_dicom(64, 512, "JPEG2000"), "refused"),
     "dicom_header_over_budget": ("huge.dcm", lambda: _dicom_edit(Rows=20000, Columns=20000), "refused"),
     "dicom_unknown_transfer_syntax": ("odd.dcm", _unknown_syntax_dicom, "refused"),
 }
