@@ -166,12 +166,12 @@ class ZipUpload:
         limit = budget.bytes_left
         try:
             with self._archive.open(info) as handle:
-                head = handle.read(min(_PEEK, limit + 1))
+                head = handle.peek(_PEEK)[:_PEEK]  # decompresses a first chunk, consumes nothing
                 if _is_archive(head):
                     budget.bytes += len(head)
                     return Member(name, reason="an archive inside the archive (not opened)")
-                # At most one byte past what is left: the size in the header may lie.
-                data = head + handle.read(limit + 1 - len(head)) if len(head) <= limit else head
+                # At most one byte past what is left (zipfile also stops at the size the header states).
+                data = handle.read(limit + 1)
         except NotImplementedError:
             return Member(name, reason="compressed with a method not supported here")
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, struct.error) as exc:

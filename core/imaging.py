@@ -442,7 +442,7 @@ _NOT_DICOM = "The file is named like a DICOM file but is not a readable DICOM fi
 _TOO_DEEP = "The DICOM file nests its data (sequences within sequences) too deeply to be read safely."
 
 
-def parse_dicom(data: bytes) -> Any:
+def parse_dicom(data: bytes, stop_before_pixels: bool = False) -> Any:
     """Parse DICOM bytes into a pydicom Dataset, within the limits `read_scan` applies.
 
     A deflated file (Deflated Explicit VR Little Endian) is inflated in bounded steps and
@@ -451,6 +451,8 @@ def parse_dicom(data: bytes) -> Any:
 
     Args:
         data: The whole file, with or without its 128-byte preamble.
+        stop_before_pixels: Read the header only (to group and order a series' files before
+            decoding any); such a dataset cannot be given to `scan_from_dataset`.
 
     Returns:
         A `pydicom.Dataset` (pixel data still encoded), `file_meta` set where the file has one.
@@ -471,10 +473,10 @@ def parse_dicom(data: bytes) -> Any:
         syntax = meta.get("TransferSyntaxUID") if meta is not None else None
         if syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
             body = _inflate(memoryview(data)[offset:])
-            ds = pydicom.dcmread(io.BytesIO(body), force=True)
+            ds = pydicom.dcmread(io.BytesIO(body), force=True, stop_before_pixels=stop_before_pixels)
             ds.file_meta = meta
         else:
-            ds = pydicom.dcmread(io.BytesIO(data), force=not has_magic)
+            ds = pydicom.dcmread(io.BytesIO(data), force=not has_magic, stop_before_pixels=stop_before_pixels)
     except ScanError:
         raise
     except RecursionError:
@@ -966,7 +968,7 @@ def window_values(values: np.ndarray, center: float, width: float) -> np.ndarray
     out -= np.float32(low)
     out /= np.float32(width)
     np.clip(out, 0.0, 1.0, out=out)
-    np.nan_to_num(out, copy=False, nan=0.0)
+    np.copyto(out, 0.0, where=np.isnan(out))  # clipped: NaN is the only non-finite value left
     return out
 
 

@@ -23,7 +23,7 @@ def _members(archive) -> dict[str, str | None]:
 def test_members_come_in_order_with_their_bytes() -> None:
     data = zip_of({"a/one.png": PNG, "a/two.png": PNG[::-1], "three.dcm": b"DICM"})
     assert is_zip(data)
-    archive = open_zip(data, "/uploads/tmp/study.zip", UploadBudget())
+    archive = open_zip(data, "/srv/incoming/study.zip", UploadBudget())
     got = list(archive)
     assert [name for name, _ in got] == ["study.zip/a/one.png", "study.zip/a/two.png", "study.zip/three.dcm"]
     assert got[0][1] == PNG and got[1][1] == PNG[::-1]

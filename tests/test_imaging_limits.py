@@ -166,6 +166,10 @@ def test_enhanced_ct_rescale_per_frame() -> None:
         assert scan.info["frame"] == frame + 1
     with pytest.raises(ValueError, match="frames 0 to 2"):
         imaging.scan_from_dataset(ds, 3)
+    header = imaging.parse_dicom(hf.enhanced_ct(frames=3), stop_before_pixels=True)
+    assert "PixelData" not in header and imaging.dicom_frame_count(header) == 3
+    with pytest.raises(ScanError, match="no pixel data"):
+        imaging.scan_from_dataset(header)
 
 
 # ------------------------------------------------------------------ only the formats we mean
@@ -301,7 +305,7 @@ def test_messages_carry_no_names_paths_or_library_text() -> None:
     cases = [
         (b"garbage bytes " * 20, "/home/someone/secret/scan.png"),
         (encode(synthetic_slice(64))[:300], "/srv/app/uploads/cut.png"),
-        (make_dicom(synthetic_slice(64).astype(np.int16))[:-900], "/var/tmp/patient/cut.dcm"),
+        (make_dicom(synthetic_slice(64).astype(np.int16))[:-900], "/srv/uploads/patient/cut.dcm"),
     ]
     for data, name in cases:
         with pytest.raises(ScanError) as caught:
