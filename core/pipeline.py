@@ -278,12 +278,14 @@ class Answer:
     prediction: Prediction
 
 
-def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes | OSError]],
+def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes | OSError | Refusal]],
                     batch_size: int = BATCH_SIZE) -> Iterator[tuple[str, Answer | Refusal]]:
     """(name, Answer or Refusal) for each upload, in order; readable scans predicted in batches.
 
-    Only the model inputs of one batch are held at a time (each scan is dropped once prepared). A
-    bad file gives a Refusal (an OSError in place of the bytes: an error) and never stops the rest.
+    Only the model inputs of one batch are held at a time (each scan is dropped once prepared), and
+    the uploads are read as they are consumed, so a generator streams. A bad file gives a Refusal
+    (an OSError in place of the bytes: an error; a Refusal in place of the bytes, e.g. an archive
+    member that was not unpacked: passed on) and never stops the rest.
     """
     pending: list[tuple[str, str, torch.Tensor, str | None]] = []
 
@@ -308,6 +310,10 @@ def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes |
         if isinstance(data, OSError):
             yield from flush()
             yield name, Refusal("error", f"cannot open the file: {data.strerror or type(data).__name__}")
+            continue
+        if isinstance(data, Refusal):
+            yield from flush()
+            yield name, data
             continue
         prepared = prepare(data, name, classifier)
         if isinstance(prepared, Refusal):

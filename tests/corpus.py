@@ -1,7 +1,10 @@
 """A corpus of hostile and unusual uploads, generated on the fly (nothing downloaded or copied).
 
 `CORPUS` maps a case name to (filename, bytes factory, expectation) where expectation is
-"ok" (must read as a scan), "refused" (must raise ScanError) or "either".
+"ok" (must read as a scan), "refused" (must raise ScanError) or "either". Every case is small
+(the whole corpus goes through the reader, the command line and the app); the large ones
+(40-megapixel images, gigabyte bombs, 600,000-entry archives) are in tests/test_imaging_limits.py,
+tests/test_archive.py and `python -m benchmarks.hostile`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from benchmarks import hostile_files as hf
 from tests.conftest import encode, make_dicom, synthetic_slice
 
 
@@ -91,6 +95,16 @@ def _dicom_edit(**changes) -> bytes:
     return buffer.getvalue()
 
 
+def _unknown_syntax_dicom() -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(_ct())))
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
 def _voi_lut_dicom() -> bytes:
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
@@ -129,13 +143,13 @@ CORPUS: dict[str, tuple[str, Factory, str]] = {
     "rgba_png": ("alpha.png", lambda: encode(np.dstack([np.stack([_slice()] * 3, 2), np.full((128, 128), 180, np.uint8)])), "ok"),
     "la_png": ("la.png", lambda: _pil(Image.fromarray(_slice()).convert("LA"), "PNG"), "ok"),
     "palette_png": ("palette.png", lambda: _pil(Image.fromarray(_slice()).convert("P"), "PNG"), "ok"),
-    "palette_gif_transparent": ("t.gif", lambda: _pil(Image.fromarray(_slice()).convert("P"), "GIF", transparency=0), "ok"),
+    "palette_gif_transparent": ("t.gif", lambda: _pil(Image.fromarray(_slice()).convert("P"), "GIF", transparency=0), "refused"),
     "bilevel_bmp": ("bw.bmp", lambda: _pil(Image.fromarray(_slice()).convert("1"), "BMP"), "ok"),
     "cmyk_jpeg": ("cmyk.jpg", lambda: _pil(Image.fromarray(np.stack([_slice()] * 3, 2)).convert("CMYK"), "JPEG"), "ok"),
     "colour_photo_jpeg": ("photo.jpg", lambda: encode(np.random.default_rng(2).integers(0, 255, (96, 128, 3), dtype=np.uint8), "JPEG"), "ok"),
     "progressive_jpeg": ("prog.jpg", lambda: encode(_slice(), "JPEG", progressive=True), "ok"),
     "lossless_webp": ("scan.webp", lambda: encode(_slice(), "WEBP", lossless=True), "ok"),
-    "animated_gif": ("cine.gif", _animated_gif, "ok"),
+    "animated_gif": ("cine.gif", _animated_gif, "refused"),
     "multipage_tiff": ("stack.tif", _multipage_tiff, "ok"),
     "exif_rotated_jpeg": ("phone.jpg", _exif_rotated, "ok"),
     "dicom_ct": ("ct.dcm", lambda: make_dicom(_ct()), "ok"),
@@ -156,4 +170,21 @@ CORPUS: dict[str, tuple[str, Factory, str]] = {
     "dicom_burned_in_annotation": ("burned.dcm", lambda: make_dicom(_ct(), extra={"BurnedInAnnotation": "YES"}), "refused"),
     "dicom_magic_only": ("magic.dcm", lambda: b"\x00" * 128 + b"DICM", "refused"),
     "dcm_name_not_dicom": ("fake.dcm", lambda: b"just some text in a file called .dcm " * 10, "refused"),
+    # Only the formats the README names, decided from the bytes: each of these is named scan.png.
+    **{f"{fmt.lower()}_named_png": ("scan.png", lambda fmt=fmt: hf.foreign_image(fmt), "refused")
+       for fmt in hf.FOREIGN_FORMATS},
+    "float_tiff_3e38": ("extreme.tif", hf.extreme_float_tiff, "refused"),
+    "float_tiff_inf": ("inf.tif", lambda: hf.float_tiff(np.where(np.eye(32) > 0, np.inf, 0.5)), "refused"),
+    "large_rgba_png": ("big.png", lambda: hf.large_image(2400, 1800, "PNG", "RGBA"), "ok"),
+    "large_jpeg": ("big.jpg", lambda: hf.large_image(2400, 1800, "JPEG", "RGB"), "ok"),
+    "tiff_300_pages": ("pages.tif", lambda: hf.many_page_tiff(300), "ok"),
+    "dicom_deflated": ("deflated.dcm", hf.deflated_dicom, "ok"),
+    "dicom_enhanced_ct": ("enhanced.dcm", hf.enhanced_ct, "ok"),
+    "dicom_enhanced_ct_per_frame": ("enhanced2.dcm", lambda: hf.enhanced_ct(per_frame=True), "ok"),
+    "dicom_nested_200": ("nested.dcm", hf.nested_sequence_dicom, "refused"),
+    "dicom_rle_bomb": ("rle.dcm", lambda: hf.rle_dicom_bomb(64, 8 * 2**20), "refused"),
+    "dicom_jpeg_larger_than_header": ("jpeg.dcm", lambda: hf.compressed_dicom(64, 1024), "refused"),
+    "dicom_j2k_larger_than_header": ("j2k.dcm", lambda: hf.compressed_dicom(64, 512, "JPEG2000"), "refused"),
+    "dicom_header_over_budget": ("huge.dcm", lambda: _dicom_edit(Rows=20000, Columns=20000), "refused"),
+    "dicom_unknown_transfer_syntax": ("odd.dcm", _unknown_syntax_dicom, "refused"),
 }

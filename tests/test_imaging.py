@@ -74,12 +74,21 @@ def test_exif_orientation_is_applied() -> None:
     assert any("EXIF" in step for step in scan.steps)
 
 
-def test_animated_gif_uses_first_frame() -> None:
+def test_gif_is_refused_by_its_bytes() -> None:
     frames = [Image.fromarray(synthetic_slice(64, seed=i)) for i in range(3)]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
-    scan = read_scan(buffer.getvalue(), "cine.gif")
-    assert any("first of 3 frames" in step for step in scan.steps)
+    with pytest.raises(ScanError, match="it is a GIF image, which is not accepted"):
+        read_scan(buffer.getvalue(), "cine.png")
+
+
+def test_multipage_tiff_uses_first_page() -> None:
+    pages = [Image.fromarray(synthetic_slice(64, seed=i)) for i in range(3)]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, format="TIFF", save_all=True, append_images=pages[1:])
+    scan = read_scan(buffer.getvalue(), "stack.tif")
+    assert "first of 3 pages used" in scan.steps
+    np.testing.assert_allclose(scan.pixels, synthetic_slice(64, seed=0) / 255.0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import streamlit as st
 
-from core.archive import is_zip, unpack_zip
+from core.archive import ArchiveError, UploadBudget, display_name, is_zip, open_zip
 from core.models import WeightsError
 from core.pipeline import BATCH_SIZE, Refusal, predict_uploads, result_row
 from core.tasks import TASKS, TaskSpec
@@ -23,19 +23,26 @@ from ui.widgets import disclaimer
 logger = logging.getLogger(__name__)
 
 
-def expand(files: list) -> tuple[list[tuple[str, bytes]], list[dict]]:
-    """(name, bytes) of every scan in the uploads, ZIPs unpacked; and a row for each archive that could not be."""
-    scans, refused = [], []
-    for upload in files:
+def expand(files: list, budget: UploadBudget, started: list[int] | None = None) -> Iterator[tuple[str, bytes | Refusal]]:
+    """(name, bytes) of every file in the uploads, ZIPs unpacked one member at a time, all against one budget for
+    the request; a file or member that is not read comes as (name, Refusal) with the reason, in its place.
+    `started`, where given, gets the index of each upload as it is opened (for a progress bar)."""
+    for index, upload in enumerate(files):
+        if started is not None:
+            started.append(index)
+        name = display_name(upload.name)
         data = upload.getvalue()
         if is_zip(data):
             try:
-                scans.extend(unpack_zip(upload.name, data))
-            except ValueError as exc:
-                refused.append(result_row(upload.name, Refusal("rejected", str(exc))))
-        else:
-            scans.append((upload.name, data))
-    return scans, refused
+                archive = open_zip(data, upload.name, budget)
+            except ArchiveError as exc:
+                yield name, Refusal("rejected", str(exc))
+                continue
+            for member in archive.members():
+                yield member.name, member.data if member.data is not None else Refusal("rejected", member.reason or "")
+            continue
+        over = budget.admit(len(data))
+        yield name, data if over is None else Refusal("rejected", f"not read: {over}")
 
 
 def table_rows(rows: list[dict], spec: TaskSpec) -> list[dict]:
@@ -66,10 +73,10 @@ def rows_csv(rows: list[dict]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def run_batch(spec: TaskSpec, scans: list[tuple[str, bytes]]) -> Iterator[dict]:
-    """Result rows in upload order (see `core.pipeline.predict_uploads`)."""
+def run_batch(spec: TaskSpec, files: list, started: list[int] | None = None) -> Iterator[dict]:
+    """Result rows in upload order, streamed (see `core.pipeline.predict_uploads`): one budget for the request."""
     classifier = get_classifier(spec.key)
-    for name, outcome in predict_uploads(classifier, scans, BATCH_SIZE):
+    for name, outcome in predict_uploads(classifier, expand(files, UploadBudget(), started), BATCH_SIZE):
         yield result_row(name, outcome)
 
 
@@ -96,12 +103,13 @@ def render_batch_page() -> None:
     if results is None or results[0] != signature:
         if not st.button(f"Analyse {len(files)} upload{'s' if len(files) > 1 else ''} with {spec.title}", key="batch_go"):
             return
-        scans, rows = expand(files)
-        progress = st.progress(0.0, text=f"0 of {len(scans)} files")
-        for row in run_batch(spec, scans):
+        rows: list[dict] = []
+        started: list[int] = []
+        progress = st.progress(0.0, text=f"0 of {len(files)} uploads")
+        for row in run_batch(spec, files, started):  # streamed: one batch of model inputs in memory at a time
             rows.append(row)
-            done = len(rows)
-            progress.progress(min(done / max(len(scans), 1), 1.0), text=f"{done} of {len(scans)} files")
+            progress.progress(len(started) / len(files), text=f"upload {len(started)} of {len(files)}: "
+                                                               f"{len(rows)} files analysed")
         progress.empty()
         logger.info("batch of %d files through %s", len(rows), key)
         results = (signature, table_rows(rows, spec))
