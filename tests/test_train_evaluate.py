@@ -34,8 +34,8 @@ def synthetic_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(synthetic_folder: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("weights")
-    argv = ["--task", "ct_cancer", "--data", str(synthetic_folder), "--pretrained", "none", "--head-epochs", "0",
-            "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--out", str(out)]
+    argv = ["--task", "ct_cancer", "--data", str(synthetic_folder), "--recipe", "none", "--pretrained", "none",
+            "--head-epochs", "0", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--out", str(out)]
     main(get_args_parser().parse_args(argv), argv)
     return out
 
@@ -121,12 +121,13 @@ def test_torchrun_two_cpu_processes_match_the_single_process_format(synthetic_fo
     """core.lab.train under torchrun (2 ranks, gloo): one card and one weights file, same format, loadable."""
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "core.train", "--task", "ct_cancer", "--data", str(synthetic_folder), "--pretrained", "none",
+               "-m", "core.train", "--task", "ct_cancer", "--data", str(synthetic_folder), "--recipe", "none", "--pretrained", "none",
                "--head-epochs", "0", "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["ct_cancer.json", "ct_cancer.safetensors"]  # rank 0 alone wrote
+    # rank 0 alone wrote (the checkpoint too)
+    assert sorted(p.name for p in out.iterdir()) == ["ct_cancer.checkpoint.pt", "ct_cancer.json", "ct_cancer.safetensors"]
     assert "[rank 0]" in result.stderr and "wrote" in result.stderr
     single, ddp = read_card(trained / "ct_cancer.json"), read_card(out / "ct_cancer.json")
     assert set(vars(ddp)) == set(vars(single)) and set(ddp.metrics) == set(single.metrics)

@@ -36,7 +36,15 @@ from core.lab.data import (
 )
 from core.models import recipe_spec
 from core.tasks import get_task
-from core.lab.train import Runtime, fit_and_score, get_args_parser, parse_steps, seed_everything, split_from_sides
+from core.lab.train import (
+    Runtime,
+    fit_and_score,
+    get_args_parser,
+    parse_steps,
+    resolve_args,
+    seed_everything,
+    split_from_sides,
+)
 
 logger = logging.getLogger("core.lab.crossval")
 
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.description = "Cross-validate a core.train recipe over patient / near-duplicate groups."
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--report", type=Path, default=None, help="also write the folds and summary to this JSON file")
-    args = parser.parse_args(argv)
+    args = resolve_args(parser.parse_args(argv))  # the task's recipe, overridden by the options given
     argv = sys.argv[1:] if argv is None else argv
     spec = recipe_spec(get_task(args.task), args.arch, parse_steps(args.preprocessing))
     arch = spec.arch

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from core.imaging import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_scan
-from core.preprocess import EvalPreset, TrainPreset, apply_steps, eight_bit
+from core.preprocess import EvalPreset, TrainPreset, apply_steps, eight_bit, resize_square
 from core.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -463,16 +463,64 @@ class ScanDataset(Dataset):
         self.train_preset, self.eval_preset = TrainPreset(spec), EvalPreset(spec)
         self.seed = seed
         self.epoch = 0
+        self.size = spec.input_size  # training side of this epoch (progressive resizing); evaluation stays at input_size
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         if self.train:
-            pixels = self.train_preset(self.images[index], np.random.default_rng((self.seed, self.epoch, index)))
-        else:
+            pixels = self.train_preset(self.images[index], np.random.default_rng((self.seed, self.epoch, index)), self.size)
+        elif self.size == self.spec.input_size:
             pixels = self.eval_preset.grey(self.images[index])
+        else:  # evaluation at another side: the same resize, to that side
+            pixels = resize_square(self.images[index].astype(np.float32) / 255.0, self.size)
         return torch.from_numpy(np.ascontiguousarray(pixels))[None], self.targets[index], torch.from_numpy(self.findings[index])
+
+
+def mix_batch(images: torch.Tensor, targets: torch.Tensor, findings: torch.Tensor, num_classes: int,
+              rng: np.random.Generator, mixup: float, cutmix: float, prob: float = 1.0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix of a batch with itself reversed (Zhang et al. 2018; Yun et al. 2019).
+
+    With probability `prob` the batch is mixed: by mixup (a weighted average of two images) or
+    cutmix (a box of the other image pasted in), chosen evenly when both are on, with the
+    weight drawn from Beta(alpha, alpha); the class targets become the same mixture of the two
+    one-hot labels, and the finding targets too.
+
+    Args:
+        images: float (N, 1, S, S) in [0, 1].
+        targets: int (N,) class indices.
+        findings: float (N, F) 0/1 finding targets.
+        num_classes: Number of classes.
+        rng: Random generator (seeded per epoch by the caller, so a resumed run draws the same).
+        mixup: Alpha of mixup (0: off).
+        cutmix: Alpha of cutmix (0: off).
+        prob: Share of batches mixed.
+
+    Returns:
+        (images, class target probabilities (N, C), finding targets (N, F)); unmixed batches
+        come back with one-hot targets.
+    """
+    soft = torch.nn.functional.one_hot(targets, num_classes).float()
+    kinds = [kind for kind, alpha in (("mixup", mixup), ("cutmix", cutmix)) if alpha > 0]
+    if not kinds or rng.random() >= prob or len(images) < 2:
+        return images, soft, findings.float()
+    kind = kinds[int(rng.integers(len(kinds)))]
+    lam = float(rng.beta(mixup if kind == "mixup" else cutmix, mixup if kind == "mixup" else cutmix))
+    other = torch.arange(len(images) - 1, -1, -1)
+    if kind == "mixup":
+        mixed = lam * images + (1.0 - lam) * images[other]
+    else:
+        height, width = images.shape[-2:]
+        cut_h, cut_w = int(height * math.sqrt(1.0 - lam)), int(width * math.sqrt(1.0 - lam))
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+        mixed = images.clone()
+        mixed[..., top:bottom, left:right] = images[other][..., top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / float(height * width)  # the share actually kept
+    return mixed, lam * soft + (1.0 - lam) * soft[other], lam * findings.float() + (1.0 - lam) * findings[other].float()
 
 
 class BalancedSampler(torch.utils.data.Sampler[int]):
