@@ -51,6 +51,9 @@ class ModelCard:
     # multi-label models: per finding, in registry order: title, temperature, threshold, threshold_rule,
     # validation and test figures (core.lab.train)
     findings: dict[str, Any] = field(default_factory=dict)
+    # the study call (core.lab.study): aggregation of the slice outputs, study threshold, figures on patients;
+    # read only through core.study.study_rule
+    study: dict[str, Any] = field(default_factory=dict)
     limitations: list[str] = field(default_factory=list)
     card_version: int = CARD_VERSION
 

@@ -799,6 +799,12 @@ def _nifti_kind(head: bytes) -> int | None:
     return None
 
 
+def upload_kind(data: bytes, name: str | None = None) -> str:
+    """What one file is, decided from its bytes: "zip", "dicom", "nifti" or "other" (the name only
+    helps for a DICOM stream without its preamble)."""
+    return _sniff(data, name)
+
+
 def _sniff(data: bytes, name: str | None) -> str:
     """"zip", "dicom", "nifti" or "other", from the bytes (the name only for headerless DICOM)."""
     if _is_zip(data):
