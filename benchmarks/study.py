@@ -1,22 +1,27 @@
-"""Reading a whole study: a synthetic CT series as a ZIP -> every slice ready for a model.
+"""A whole study: a synthetic CT series as a ZIP -> the study call, the shown slice's heatmap, memory.
 
-    python -m benchmarks.study                     # 300 slices of 512 x 512, head_ct's window, 3 rounds
+    python -m benchmarks.study                     # 300 slices of 512 x 512, head_ct, 3 rounds
     python -m benchmarks.study --slices 60 --rounds 1 --task ct_covid
+    python -m benchmarks.study --no-model          # reading and windowing only (no model loaded)
 
 Makes a CT series in memory (int16 stored values, RescaleIntercept -1024, a head phantom with
 noise, one scout image), zips it in shuffled order, then times, per round:
 
-- read: ZIP bytes -> `core.series.read_study` (unzip, parse, decode, group, order, check) and the
-  model's default series chosen;
-- window: every slice through the model's window to 8-bit (`Series.window_8bit`, what the
-  model's 8-bit training files hold), all arrays kept;
-- scan path (separately): every slice as a `Scan` through the single-image preprocessing
-  (`core.preprocess.EvalPreset`, float32 at the model's input size), all kept.
+- read: ZIP bytes -> `core.study.read_upload` (unzip through `core.archive`, parse, decode, group,
+  order, check) and the model's default series chosen;
+- study: every slice through the model in batches and the study call (`core.study.analyse_series`),
+  so `zip_to_call_s` = read + study is what a reader waits for after the upload;
+- heatmap: the shown slice's heatmap (the top key slice, then the next ones: each a slice whose
+  heatmap was not computed yet, with the default method), per slice in ms; the first heatmap
+  of the process (which imports pytorch-grad-cam and makes the gradient replica) is made before
+  the rounds, as a server has made it long before;
+- window (with --no-model): every slice through the model's window to 8-bit, all arrays kept, and
+  the scan path (every slice as a `Scan` through `EvalPreset`), for comparison.
 
 Peak memory added is the kernel's high-water mark of this process (VmHWM, reset through
-/proc/self/clear_refs before each round) minus the resident set before it, with the ZIP bytes
-already in memory: what one study adds to a server that has received the upload. Prints one JSON
-object; nothing is written to disk.
+/proc/self/clear_refs before each round) minus the resident set before it, with the ZIP bytes and
+the model already in memory: what one study adds to a server that has received the upload. Prints
+one JSON object; nothing is written to disk. A timing, not a test: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -52,6 +57,11 @@ def head_phantom(size: int, k: int, n: int, rng: np.random.Generator) -> np.ndar
 
 def series_zip(slices: int, size: int, seed: int = 0) -> bytes:
     """A ZIP of `slices` axial CT DICOM files (plus one scout) in shuffled order, names without extension."""
+    return zip_files(series_files(slices, size, seed), seed)
+
+
+def series_files(slices: int, size: int, seed: int = 0, columns: int | None = None) -> list[bytes]:
+    """`slices` axial CT DICOM files of a head phantom in order, then one scout (another orientation, LOCALIZER)."""
     rng = np.random.default_rng(seed)
     files = []
     for k in range(slices):
@@ -64,6 +74,11 @@ def series_zip(slices: int, size: int, seed: int = 0) -> bytes:
     files.append(make_dicom(np.zeros((size, size), np.int16), extra={
         "StudyInstanceUID": "2.25.10", "SeriesInstanceUID": "2.25.10.1", "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"],
         "ImageOrientationPatient": [1, 0, 0, 0, 0, -1], "ImagePositionPatient": [-250, 0, 300]}))
+    return files
+
+
+def zip_files(files: list[bytes], seed: int = 0) -> bytes:
+    """The files in a ZIP, shuffled, in sub-folders, names without extension."""
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)
     buffer = io.BytesIO()
@@ -84,14 +99,15 @@ def reset_peak() -> bool:
 
 
 def one_round(data: bytes, spec: object, scan_path: bool) -> dict:
+    """Reading and windowing only (no model)."""
     from core.preprocess import EvalPreset
-    from core.series import read_study
+    from core.study import read_upload
 
     gc.collect()
     before = rss_mb()
     exact_peak = reset_peak()
     start = time.perf_counter()
-    study = read_study(data, "study.zip")
+    study = read_upload([("study.zip", data)], spec)
     series = study.choose(spec).series
     read_s = time.perf_counter() - start
     arrays = [series.window_8bit(i, spec.ct_window) for i in range(len(series))]
@@ -113,13 +129,47 @@ def one_round(data: bytes, spec: object, scan_path: bool) -> dict:
     return figures
 
 
+def study_round(data: bytes, classifier: object, heatmaps: int) -> dict:
+    """ZIP -> study call through the model, then `heatmaps` slice heatmaps."""
+    from core.study import StudyAnalysis, analyse_series, read_upload
+
+    spec = classifier.spec
+    gc.collect()
+    before = rss_mb()
+    exact_peak = reset_peak()
+    start = time.perf_counter()
+    study = read_upload([("study.zip", data)], spec)
+    read_s = time.perf_counter() - start
+    analysis = analyse_series(classifier, study)
+    total_s = time.perf_counter() - start
+    if not isinstance(analysis, StudyAnalysis):
+        raise RuntimeError(f"the study was not analysed: {analysis.reason}")
+    peak_call = status_mb("VmHWM") - before
+    shown = list(analysis.key_slices) + [i for i in range(len(analysis)) if i not in analysis.key_slices]
+    heatmap_ms = []
+    for index in shown[:heatmaps]:
+        begin = time.perf_counter()
+        analysis.heatmap(index)
+        heatmap_ms.append((time.perf_counter() - begin) * 1000)
+    peak = status_mb("VmHWM") - before
+    figures = {"read_s": read_s, "study_s": total_s - read_s, "zip_to_call_s": total_s, "heatmap_ms": heatmap_ms,
+               "peak_added_mb": peak, "peak_added_at_call_mb": peak_call, "peak_exact": exact_peak,
+               "slices": len(analysis), "left_out": analysis.series.left_out_count,
+               "held_mb": analysis.series.nbytes / 2**20, "call": analysis.prediction.headline_text()}
+    del analysis, study
+    gc.collect()
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--task", default="head_ct", help="model whose window and series choice are used")
-    parser.add_argument("--no-scan-path", action="store_true", help="skip the Scan + preprocess timing")
+    parser.add_argument("--heatmaps", type=int, default=5, help="slice heatmaps timed per round")
+    parser.add_argument("--task", default="head_ct", help="model whose window, series choice and study call are used")
+    parser.add_argument("--no-model", action="store_true", help="reading and windowing only (no model loaded)")
+    parser.add_argument("--no-scan-path", action="store_true", help="with --no-model: skip the Scan + preprocess timing")
     args = parser.parse_args(argv)
 
     import core.preprocess  # noqa: F401 - imported before measuring: torch and cv2 are the server's anyway
@@ -127,19 +177,38 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = get_task(args.task)
     data = series_zip(args.slices, args.size)
-    rounds = [one_round(data, spec, not args.no_scan_path) for _ in range(args.rounds)]
-    p50 = {key: statistics.median(r[key] for r in rounds) for key in ("read_s", "window_s", "zip_to_8bit_s")}
-    result = {
-        "slices": args.slices, "size": args.size, "task": args.task, "window": list(spec.ct_window),
-        "zip_mb": round(len(data) / 2**20, 1), "rounds": args.rounds,
-        "p50_s": {key: round(value, 3) for key, value in p50.items()},
-        "peak_added_mb": round(max(r["peak_added_mb"] for r in rounds), 1),
-        "peak_exact": all(r["peak_exact"] for r in rounds),
-        "held_mb": round(rounds[0]["held_mb"], 1), "arrays_mb": round(rounds[0]["arrays_mb"], 1),
-        "slices_used": rounds[0]["slices"], "left_out": rounds[0]["left_out"],
-    }
-    if not args.no_scan_path:
-        result["p50_s"]["scan_preprocess_s"] = round(statistics.median(r["scan_preprocess_s"] for r in rounds), 3)
+    result = {"slices": args.slices, "size": args.size, "task": args.task, "window": list(spec.ct_window),
+              "zip_mb": round(len(data) / 2**20, 1), "rounds": args.rounds}
+    if args.no_model:
+        rounds = [one_round(data, spec, not args.no_scan_path) for _ in range(args.rounds)]
+        keys = ("read_s", "window_s", "zip_to_8bit_s") + (() if args.no_scan_path else ("scan_preprocess_s",))
+        result.update(arrays_mb=round(rounds[0]["arrays_mb"], 1))
+    else:
+        from core import threads
+        from core.models import load_model
+        from core.pipeline import BATCH_SIZE
+        from core.study import StudyAnalysis, analyse_series, read_upload
+
+        threads.configure("serve")
+        classifier = load_model(spec)
+        # A server has run full batches and made its first heatmap long before: so does this process first.
+        warm = read_upload([("warm.zip", series_zip(BATCH_SIZE, 64, seed=1))], spec)
+        warmed = analyse_series(classifier, warm)
+        if isinstance(warmed, StudyAnalysis):
+            warmed.heatmap(0)
+        del warm, warmed
+        rounds = [study_round(data, classifier, args.heatmaps) for _ in range(args.rounds)]
+        keys = ("read_s", "study_s", "zip_to_call_s")
+        heatmaps = [ms for r in rounds for ms in r["heatmap_ms"]]
+        result.update(heatmap_ms={"p50": round(statistics.median(heatmaps), 1), "max": round(max(heatmaps), 1),
+                                  "n": len(heatmaps)} if heatmaps else None,
+                      peak_added_at_call_mb=round(max(r["peak_added_at_call_mb"] for r in rounds), 1),
+                      call=rounds[0]["call"])
+    result.update(
+        p50_s={key: round(statistics.median(r[key] for r in rounds), 3) for key in keys},
+        peak_added_mb=round(max(r["peak_added_mb"] for r in rounds), 1),
+        peak_exact=all(r["peak_exact"] for r in rounds), held_mb=round(rounds[0]["held_mb"], 1),
+        slices_used=rounds[0]["slices"], left_out=rounds[0]["left_out"])
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

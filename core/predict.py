@@ -2,11 +2,20 @@
 
 Usage:
     python -m core.predict --task brain_mri scan1.png scan2.dcm
+    python -m core.predict --task head_ct --study patient.zip series_folder/ volume.nii.gz enhanced.dcm
 
-prints one JSON object per file and line (`core.pipeline.result_row`): file, status (ok / rejected /
-error), reason, prediction, call, probabilities, uncertain, guard, and for a multi-label model
-findings, present and unreliable. It never stops on a bad file; the exit code is 0 unless the
-command line itself is wrong.
+For single images it prints one JSON object per file and line (`core.pipeline.result_row`): file,
+status (ok / rejected / error), reason, prediction, call, probabilities, uncertain, guard, and for a
+multi-label model findings, present and unreliable.
+
+With --study, each PATH (a ZIP of DICOM files, a folder, a multi-frame DICOM or a NIfTI file) is
+read as a study and every series found gives one JSON object on one line (`core.study.study_row`),
+the series the model reads by default first: file (the PATH as given), series (SeriesInstanceUID or
+a name), status, reason, slices (slices used), left_out ({count, reasons}), prediction (study-level
+class), probabilities (study level, every class), findings (multi-label models), slice_probabilities
+(one dict per used slice, anatomical order) and key_slices (indices into that list).
+
+It never stops on a bad file or study; the exit code is 0 unless the command line itself is wrong.
 """
 
 from __future__ import annotations
@@ -18,8 +27,10 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from core.models import WeightsError, load_model
-from core.pipeline import BATCH_SIZE, predict_uploads, result_row
+from core.models import Classifier, WeightsError, load_model
+from core.pipeline import BATCH_SIZE, Refusal, predict_uploads, result_row
+from core.series import StudyError
+from core.study import analyse_series, read_study_path, series_order, study_row, upload_digest
 from core.tasks import TASKS, get_task
 
 logger = logging.getLogger(__name__)
@@ -38,21 +49,53 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="registry key of the model")
     parser.add_argument("--weights", type=Path, default=None, help="weights file (default: weights/<task>.safetensors)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="scans per forward pass")
-    parser.add_argument("files", nargs="+", type=Path, help="PNG/JPEG/WebP/TIFF/BMP or DICOM files")
+    parser.add_argument("--study", nargs="+", type=Path, default=None, metavar="PATH",
+                        help="studies: ZIPs of DICOM files, folders, multi-frame DICOM or NIfTI files (one row per series)")
+    parser.add_argument("files", nargs="*", type=Path, help="PNG/JPEG/WebP/TIFF/BMP or DICOM files")
     return parser
+
+
+def study_lines(classifier: Classifier, paths: list[Path], batch_size: int) -> Iterator[dict]:
+    """One row per series of each study PATH, in order; a PATH that cannot be read gives one row saying why."""
+    for path in paths:
+        name = str(path)
+        try:
+            study = read_study_path(path, classifier.spec)
+        except StudyError as exc:
+            yield study_row(name, Refusal("rejected", str(exc)))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one bad study must never stop the rest; the type is logged
+            logger.error("study failed for %s: %s", classifier.spec.key, type(exc).__name__)
+            yield study_row(name, Refusal("error", f"internal error: {type(exc).__name__}"))
+            continue
+        digest = upload_digest([(name, name.encode())])
+        for index in series_order(study, classifier.spec):
+            outcome = analyse_series(classifier, study, index, digest=digest, batch_size=batch_size)
+            yield study_row(name, outcome, study.series[index], study)
+        del study
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.study is None and not args.files:
+        parser.error("give image files, or --study PATH [PATH ...]")
+    if args.study is not None and args.files:
+        parser.error("give either image files or --study PATH [PATH ...], not both")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     spec = get_task(args.task)
     try:
         classifier = load_model(spec, args.weights)
     except (WeightsError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
     try:
-        for name, outcome in predict_uploads(classifier, _read_files(args.files), args.batch_size):
-            print(json.dumps(result_row(name, outcome)), flush=True)
+        if args.study is not None:
+            for row in study_lines(classifier, args.study, args.batch_size):
+                print(json.dumps(row), flush=True)
+        else:
+            for name, outcome in predict_uploads(classifier, _read_files(args.files), args.batch_size):
+                print(json.dumps(result_row(name, outcome)), flush=True)
     except Exception:  # noqa: BLE001 - say so in one line, not a traceback, then stop
         logger.exception("unexpected failure")
         parser.exit(1, "error: internal error; see the log\n")

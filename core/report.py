@@ -137,3 +137,144 @@ def report_figure(content: ReportContent, when: datetime) -> Figure:
 
 def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width) or [""]
+
+
+# ---------------------------------------------------------------- the study form
+
+
+@dataclass(frozen=True)
+class KeySlice:
+    """One key slice on a study report.
+
+    Attributes:
+        number: Its 1-based place in the series (anatomical order).
+        score: Its probability of the thresholded class (or group).
+        image: uint8 (H, W, 3) the slice as shown.
+        overlay: uint8 (H, W, 3) its heatmap blended on it.
+    """
+
+    number: int
+    score: float
+    image: np.ndarray
+    overlay: np.ndarray
+
+
+@dataclass(frozen=True)
+class StudyReportContent:
+    """What goes on a study report.
+
+    Attributes:
+        prediction: The study call (`core.study.StudyCall.prediction`).
+        card: The model's card.
+        upload_hash: Short hash of the upload (no file name, no UID).
+        series: The series in words from a fixed vocabulary (number, plane, slices, thickness;
+            never its description, which is untrusted text).
+        rule: The study call's rule in words (`core.study.StudyRule.describe`).
+        validation: What the card says about its validation (`StudyRule.note`).
+        scores: float (n,) per-slice probability of the thresholded class, anatomical order.
+        slice_threshold: The slice model's own threshold (drawn on the strip), where it has one.
+        key_slices: The key slices with their heatmaps, highest score first.
+        explained: The output the heatmaps explain.
+        method: The CAM method.
+        notes: Extra lines (warnings about the series, left-outs, findings).
+    """
+
+    prediction: Prediction
+    card: ModelCard
+    upload_hash: str
+    series: str
+    rule: str
+    validation: str
+    scores: np.ndarray
+    slice_threshold: float | None
+    key_slices: tuple[KeySlice, ...]
+    explained: str
+    method: str
+    notes: tuple[str, ...] = ()
+
+
+def render_study_pdf(content: StudyReportContent, when: datetime | None = None) -> bytes:
+    """The one-page A4 study report as PDF bytes: the study call, the per-slice strip, key slices with heatmaps.
+
+    Args:
+        content: What to show.
+        when: Report time (default: now, UTC).
+
+    Returns:
+        Bytes of a one-page PDF.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    when = when or datetime.now(timezone.utc)
+    with matplotlib.rc_context({"pdf.use14corefonts": True, "axes.unicode_minus": False}):
+        figure = study_report_figure(content, when)
+        buffer = io.BytesIO()
+        with PdfPages(buffer, metadata={"Title": "SecondLook study report", "Creator": "SecondLook",
+                                        "Producer": "SecondLook", "CreationDate": when}) as pdf:
+            pdf.savefig(figure)
+    return buffer.getvalue()
+
+
+def study_report_figure(content: StudyReportContent, when: datetime) -> Figure:
+    """The study report page as a matplotlib Figure (A4 portrait)."""
+    from matplotlib.figure import Figure
+
+    card, prediction = content.card, content.prediction
+    figure = Figure(figsize=(8.27, 11.69))
+    figure.text(0.06, 0.965, "SecondLook - second-opinion study report", fontsize=16, weight="bold", va="top")
+    figure.text(0.06, 0.94, when.strftime("%Y-%m-%d %H:%M UTC") + f"   upload {content.upload_hash}   {content.series}",
+                fontsize=9, va="top")
+    lines = [f"Study call: {prediction.headline_text()}" + (" (inside the indeterminate band)" if prediction.uncertain
+                                                           else ""),
+             f"Rule: {content.rule}", content.validation]
+    if prediction.guard.reason:
+        lines.append(f"Wrong-input guard ({prediction.guard.outcome.replace('_', ' ')}): {prediction.guard.reason}")
+    y = _lines(figure, lines, 0.915)
+    strip = figure.add_axes((0.08, y - 0.16, 0.86, 0.13))
+    scores = np.asarray(content.scores, dtype=float)
+    numbers = np.arange(1, len(scores) + 1)
+    strip.bar(numbers, scores, color="#8c8c8c", width=1.0)
+    keys = [k.number for k in content.key_slices]
+    strip.bar(keys, scores[np.asarray(keys, dtype=int) - 1], color="#d62728", width=1.0)
+    if content.slice_threshold is not None:
+        strip.axhline(content.slice_threshold, linestyle="--", color="black", linewidth=1)
+    strip.set_xlim(0.5, len(scores) + 0.5)
+    strip.set_ylim(0, 1)
+    strip.set_xlabel("slice (anatomical order); red: key slices" + ("; dashed: the slice threshold"
+                                                                    if content.slice_threshold is not None else ""),
+                     fontsize=8)
+    strip.set_ylabel("probability", fontsize=8)
+    strip.tick_params(labelsize=7)
+    top = y - 0.2
+    shown = content.key_slices[:3]
+    height = 0.17
+    for row, key in enumerate(shown):
+        bottom = top - (row + 1) * (height + 0.02)
+        for position, picture, title in ((0.08, key.image, f"Slice {key.number}: {key.score:.0%}"),
+                                         (0.52, key.overlay, f"{content.method} for '{content.explained}'")):
+            axes = figure.add_axes((position, bottom, 0.4, height))
+            axes.imshow(picture)
+            axes.set_title(title, fontsize=8)
+            axes.axis("off")
+    y = top - len(shown) * (height + 0.02) - 0.01
+    lines = list(content.notes) + [
+        f"Model: {card.name}, version {card.version} ({card.arch}); weights sha256 {card.sha256}",
+        "Heatmaps are coarse and normalised per slice: they show what drove the model, not where disease is.",
+    ]
+    _lines(figure, lines, y, size=8)
+    for i, piece in enumerate(_wrap(DISCLAIMER, 95)):
+        figure.text(0.06, 0.04 - 0.016 * i, piece, fontsize=9, weight="bold", va="top")
+    return figure
+
+
+def _lines(figure: Figure, lines: list[str], y: float, size: int = 9, floor: float = 0.07) -> float:
+    """Write wrapped lines from `y` down (never below `floor`); returns where the next line would start."""
+    step = 0.018 if size >= 9 else 0.015
+    for line in lines:
+        for piece in _wrap(line, 105 if size >= 9 else 120):
+            if y < floor:
+                return y
+            figure.text(0.06, y, piece, fontsize=size, va="top")
+            y -= step
+    return y

@@ -666,7 +666,8 @@ class StudyAnalysis:
         """One slice as a `core.pipeline.Analysis` (scan, model input, its own prediction, heatmaps on demand).
 
         Kept for the `MAX_SLICE_ANALYSES` slices asked for last, so a heatmap is computed once
-        per slice, output and method while the reader looks at it.
+        per slice, output and method while the reader looks at it. Every slice of the series
+        carries the same `sha256` (the series', derived from the upload's digest).
         """
         if not 0 <= index < len(self):
             raise IndexError(f"slice {index!r} out of range; the series has {len(self)} slices (0 to {len(self) - 1})")
@@ -677,7 +678,9 @@ class StudyAnalysis:
                 return cached
         scan = self.series.scan(index)
         model_input = EvalPreset(self.classifier.spec)(scan)
-        sha = hashlib.sha256(f"{self.digest}/{self.index}/{index}".encode()).hexdigest()
+        # One hash per series, not per slice: a page keys its heatmap controls by it, so they keep their
+        # settings from slice to slice (each slice's heatmaps are still its own Analysis's).
+        sha = hashlib.sha256(f"{self.digest}/{self.index}".encode()).hexdigest()
         made = Analysis(self.classifier, sha, scan, model_input, self.slice_prediction(index))
         with self._lock:
             made = self._slices.setdefault(index, made)
@@ -798,6 +801,58 @@ def series_order(study: Study, spec: TaskSpec) -> list[int]:
     return ([chosen] if chosen is not None else []) + rest
 
 
+def series_label(series: Series, index: int) -> str:
+    """A series named for a page or a report without its UID or description: "Series 3 (axial, 34 slices, 5 mm)"."""
+    name = f"Series {series.number}" if series.number is not None else f"Series {index + 1} of the upload"
+    facts = [series.geometry.plane or "plane unknown", f"{len(series)} slices"]
+    if series.geometry.thickness:
+        facts.append(f"{series.geometry.thickness:g} mm")
+    if series.refused:
+        facts.append("refused")
+    return f"{name} ({', '.join(facts)})"
+
+
+def study_report_content(analysis: StudyAnalysis, method: str | None = None, target: str | None = None,
+                         window: tuple[float, float] | None = None) -> Any:
+    """What a study report shows (`core.report.StudyReportContent`): key slices with their heatmaps.
+
+    Args:
+        analysis: The study analysis.
+        method: CAM method (default: the card's most faithful, else Grad-CAM).
+        target: Output the heatmaps explain (default: `StudyAnalysis.explained`).
+        window: Display window for CT slices (default: the model's own window).
+    """
+    from core.explain import DEFAULT_METHOD, METHODS, overlay
+    from core.preprocess import display_rgb
+    from core.report import KeySlice, StudyReportContent
+
+    classifier, spec = analysis.classifier, analysis.classifier.spec
+    preferred = classifier.card.explanations.get("default_method")
+    method = method or (preferred if preferred in METHODS else DEFAULT_METHOD)
+    target = target or analysis.explained
+    window = window or spec.ct_window
+    keys = []
+    for index in analysis.key_slices:
+        slice_analysis = analysis.slice_analysis(index)
+        heatmap = slice_analysis.heatmap(target, method)
+        rgb = display_rgb(slice_analysis.scan, window if slice_analysis.scan.modality == "CT" else None)
+        blended = overlay(rgb, heatmap.placed, 0.45, "jet", 0.2)
+        blended[heatmap.outside] = rgb[heatmap.outside]
+        keys.append(KeySlice(index + 1, float(analysis.scores[index]), rgb, blended))
+    notes = [f"{item.count} image(s) left out: {item.reason}" for item in analysis.left_out]
+    notes += list(analysis.warnings)
+    if analysis.prediction.findings:
+        notes.append("Findings (study level: highest slice probability against the finding's threshold): " + "; ".join(
+            f"{f.title} {f.probability:.0%} ({'unreliable' if f.unreliable else 'above' if f.above_threshold else 'below'}"
+            f" {f.threshold:.2f})" for f in analysis.prediction.findings))
+    return StudyReportContent(
+        prediction=analysis.prediction, card=classifier.card, upload_hash=analysis.digest,
+        series=series_label(analysis.series, analysis.index), rule=analysis.rule.describe(),
+        validation=analysis.rule.note, scores=analysis.scores,
+        slice_threshold=classifier.card.threshold if analysis.rule.positive == classifier.card.positive else None,
+        key_slices=tuple(keys), explained=spec.output_title(target), method=method, notes=tuple(notes))
+
+
 # ---------------------------------------------------------------- rows (command line, API, batch)
 
 ROW_FIELDS: tuple[str, ...] = ("file", "series", "status", "reason", "slices", "left_out", "prediction", "probabilities",
@@ -812,7 +867,7 @@ def _left_out(items: Iterable[LeftOut]) -> dict[str, Any]:
 
 
 def study_row(name: str, outcome: StudyAnalysis | Refusal, series: Series | None = None,
-              study: Study | None = None) -> dict[str, Any]:
+              study: Study | None = None, *, detail: bool = False, label: str | None = None) -> dict[str, Any]:
     """The JSON row of one series: exactly `ROW_FIELDS` (findings only for a model with findings).
 
     Fields: file (the name as given), series (SeriesInstanceUID or a name), status (ok / rejected /
@@ -827,6 +882,10 @@ def study_row(name: str, outcome: StudyAnalysis | Refusal, series: Series | None
         outcome: The series' analysis, or why it has none.
         series: The series (for a Refusal; an analysis knows its own).
         study: The upload (its files left out are added to the row's left-outs).
+        detail: Also `call` (the headline, or "uncertain"), `uncertain`, `guard` (outcome, score,
+            threshold), `present` and `unreliable` (findings), `rule` and `validated` (the study call's
+            rule and whether it was validated per patient): for the API and the batch table.
+        label: What `series` says instead of the UID (pages and their downloads show no UID).
     """
     with_findings = isinstance(outcome, StudyAnalysis) and bool(outcome.classifier.spec.findings)
     row: dict[str, Any] = {"file": name, "series": None, "status": "ok", "reason": None, "slices": 0,
@@ -834,14 +893,20 @@ def study_row(name: str, outcome: StudyAnalysis | Refusal, series: Series | None
                            "slice_probabilities": None, "key_slices": None}
     if isinstance(outcome, Refusal):
         items = (series.left_out if series is not None else ()) + (study.left_out if study is not None else ())
-        row.update(series=series.key if series is not None else None, status=outcome.status, reason=outcome.reason,
-                   left_out=_left_out(items))
+        row.update(series=label or (series.key if series is not None else None), status=outcome.status,
+                   reason=outcome.reason, left_out=_left_out(items))
+        if detail:
+            row.update(call=None, uncertain=None, guard=None, rule=None, validated=None)
         return row
     spec, prediction = outcome.classifier.spec, outcome.prediction
-    row.update(series=outcome.series.key, slices=len(outcome), left_out=_left_out(outcome.left_out))
-    if prediction.guard.refused:
-        row.update(status="rejected", reason=f"Not classified: {prediction.guard.reason}")
-        return row
+    row.update(series=label or outcome.series.key, slices=len(outcome), left_out=_left_out(outcome.left_out))
+    guard = prediction.guard
+    extra: dict[str, Any] = {"call": None, "uncertain": None,
+                             "guard": {"outcome": guard.outcome, "score": guard.score, "threshold": guard.threshold},
+                             "rule": outcome.rule.describe(), "validated": outcome.rule.validated}
+    if guard.refused:
+        row.update(status="rejected", reason=f"Not classified: {guard.reason}")
+        return {**row, **extra} if detail else row
     outputs = spec.outputs
     both = np.concatenate([outcome.probabilities, outcome.finding_probabilities], axis=1)
     row.update(prediction=prediction.label, probabilities=prediction.as_dict(),
@@ -853,11 +918,19 @@ def study_row(name: str, outcome: StudyAnalysis | Refusal, series: Series | None
     if prediction.uncertain:
         notes.append(f"uncertain: inside the study call's indeterminate band; the likelier call is {prediction.headline()[0]}")
     row["reason"] = " ".join(notes) or None
-    return {key: row[key] for key in ROW_FIELDS if key in row}
+    row = {key: row[key] for key in ROW_FIELDS if key in row}
+    if not detail:
+        return row
+    extra.update(call="uncertain" if prediction.uncertain else prediction.headline()[0], uncertain=prediction.uncertain)
+    if prediction.findings:
+        extra.update(present=[f.key for f in prediction.findings if f.present],
+                     unreliable={f.key: f.unreliable for f in prediction.findings if f.unreliable})
+    return {**row, **extra}
 
 
 def study_rows(classifier: Classifier, data: bytes | Iterable[tuple[str, bytes]], filename: str | None = None, *,
-               name: str | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:
+               name: str | None = None, progress: Progress | None = None, detail: bool = False,
+               safe_series: bool = False) -> list[dict[str, Any]]:
     """Every series of one upload through the model: one row per series (`study_row`), the default series first.
 
     The function the command line, the HTTP API and the batch page call. It never raises for a
@@ -870,6 +943,9 @@ def study_rows(classifier: Classifier, data: bytes | Iterable[tuple[str, bytes]]
         filename: The upload's name (a format hint).
         name: What the rows' `file` says (default: `filename`).
         progress: Called with (slices done, slices in all) per batch, per series.
+        detail: Rows with the extra fields of `study_row(detail=True)` (the API, the batch page).
+        safe_series: `series` names the series by number, plane and slices (`series_label`)
+            instead of its UID: for pages and their downloads.
 
     Returns:
         The rows.
@@ -880,13 +956,14 @@ def study_rows(classifier: Classifier, data: bytes | Iterable[tuple[str, bytes]]
         digest = upload_digest(files)
         study = read_upload(files, classifier.spec)
     except (StudyError, ScanError) as exc:
-        return [study_row(label, Refusal("rejected", str(exc)))]
+        return [study_row(label, Refusal("rejected", str(exc)), detail=detail)]
     except Exception as exc:  # noqa: BLE001 - a bad upload must never stop the caller; the type is logged, not the file
         logger.error("study upload failed for %s: %s", classifier.spec.key, type(exc).__name__)
-        return [study_row(label, Refusal("error", f"internal error: {type(exc).__name__}"))]
+        return [study_row(label, Refusal("error", f"internal error: {type(exc).__name__}"), detail=detail)]
     del files
     rows = []
     for index in series_order(study, classifier.spec):
         outcome = analyse_series(classifier, study, index, digest=digest, progress=progress)
-        rows.append(study_row(label, outcome, study.series[index], study))
+        shown = series_label(study.series[index], index) if safe_series else None
+        rows.append(study_row(label, outcome, study.series[index], study, detail=detail, label=shown))
     return rows

@@ -653,7 +653,7 @@ def test_study_benchmark_prints_its_figures(capsys: pytest.CaptureFixture[str]) 
 
     from benchmarks.study import main
 
-    assert main(["--slices", "6", "--size", "64", "--rounds", "1"]) == 0
+    assert main(["--slices", "6", "--size", "64", "--rounds", "1", "--no-model"]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["slices_used"] == 6 and figures["left_out"] == 1  # the scout
     assert set(figures["p50_s"]) == {"read_s", "window_s", "zip_to_8bit_s", "scan_preprocess_s"}

@@ -16,6 +16,7 @@ import streamlit as st
 from core.archive import ArchiveError, UploadBudget, display_name, is_zip, open_zip
 from core.models import WeightsError
 from core.pipeline import BATCH_SIZE, Refusal, predict_uploads, result_row
+from core.study import study_rows
 from core.tasks import TASKS, TaskSpec
 from ui.cache import get_classifier
 from ui.widgets import disclaimer
@@ -53,6 +54,9 @@ def table_rows(rows: list[dict], spec: TaskSpec) -> list[dict]:
         probabilities = row.get("probabilities") or {}
         out = {"file": row["file"], "status": row["status"], "prediction": row.get("prediction") or "",
                "uncertain": "" if row.get("uncertain") is None else ("yes" if row["uncertain"] else "no")}
+        if "series" in row:  # a study row (core.study.study_row): one per series
+            out = {"file": row["file"], "series": row["series"] or "", "slices": row["slices"], **{
+                k: v for k, v in out.items() if k != "file"}}
         out.update({f"p_{label}": (round(probabilities[label], 4) if label in probabilities else None) for label in spec.labels})
         if spec.findings:
             findings = row.get("findings") or {}
@@ -80,6 +84,17 @@ def run_batch(spec: TaskSpec, files: list, started: list[int] | None = None) -> 
         yield result_row(name, outcome)
 
 
+def run_studies(spec: TaskSpec, files: list, started: list[int] | None = None) -> Iterator[dict]:
+    """One row per series of each upload (a ZIP of DICOM files, a multi-frame DICOM or a NIfTI file), read as a
+    study (`core.study.study_rows`): the study call; the series named by number and plane, never by UID."""
+    classifier = get_classifier(spec.key)
+    for index, upload in enumerate(files):
+        if started is not None:
+            started.append(index)
+        yield from study_rows(classifier, upload.getvalue(), upload.name, name=display_name(upload.name), detail=True,
+                              safe_series=True)
+
+
 def render_batch_page() -> None:
     """The whole Batch screen."""
     st.title("Batch")
@@ -98,7 +113,9 @@ def render_batch_page() -> None:
     if not files:
         st.info("Upload many files at once, or ZIP archives of them. Nothing you upload is stored.")
         return
-    signature = (key, tuple(f.file_id for f in files))  # Streamlit's id per uploaded file: no re-hashing per rerun
+    as_studies = st.toggle("Each upload is a study: one row per series (a ZIP of a DICOM series, a multi-frame DICOM "
+                           "or NIfTI), with the study call", key="batch_studies")
+    signature = (key, as_studies, tuple(f.file_id for f in files))  # Streamlit's id per uploaded file: no re-hashing
     results = st.session_state.get("batch_results")
     if results is None or results[0] != signature:
         if not st.button(f"Analyse {len(files)} upload{'s' if len(files) > 1 else ''} with {spec.title}", key="batch_go"):
@@ -106,7 +123,7 @@ def render_batch_page() -> None:
         rows: list[dict] = []
         started: list[int] = []
         progress = st.progress(0.0, text=f"0 of {len(files)} uploads")
-        for row in run_batch(spec, files, started):  # streamed: one batch of model inputs in memory at a time
+        for row in (run_studies if as_studies else run_batch)(spec, files, started):  # streamed, one batch at a time
             rows.append(row)
             progress.progress(len(started) / len(files), text=f"upload {len(started)} of {len(files)}: "
                                                                f"{len(rows)} files analysed")
@@ -117,7 +134,8 @@ def render_batch_page() -> None:
     rows = results[1]
     counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "rejected", "error")}
     uncertain = sum(r["uncertain"] == "yes" for r in rows)
-    st.markdown(f"**{len(rows)} files:** {counts['ok']} analysed ({uncertain} uncertain), {counts['rejected']} refused, "
+    unit = "series" if rows and "series" in rows[0] else "files"
+    st.markdown(f"**{len(rows)} {unit}:** {counts['ok']} analysed ({uncertain} uncertain), {counts['rejected']} refused, "
                 f"{counts['error']} failed.")
     st.dataframe(rows, hide_index=True)
     st.download_button("Download the table (CSV)", data=rows_csv(rows), file_name=f"secondlook-batch-{key}.csv",

@@ -30,7 +30,9 @@ from core.pipeline import Analysis, Refusal, analyse, scan_facts, short_digest
 from core.preprocess import display_rgb
 from core.report import ReportContent, render_pdf
 from core.tasks import CT_WINDOW_PRESETS, TaskSpec, describe_preprocessing, tasks_for_page
+from core.study import is_study
 from ui.cache import get_classifier
+from ui.study_page import accepts_studies, render_study_view
 from ui.widgets import (VIEWER_CONFIG, card_summary, disclaimer, findings_chart, png_bytes, probability_chart,
                         spread_chart, synced_viewer)
 
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ANALYSES = 2  # analyses a session keeps (the one shown and the one before it)
 UPLOAD_TYPES_HELP = "PNG, JPEG, WebP, TIFF, BMP, or DICOM (.dcm or any file with the DICOM header)"
+STUDY_TYPES_HELP = "or a whole series: several DICOM files, a ZIP of them, a multi-frame DICOM or NIfTI (.nii, .nii.gz)"
 
 
 def _count(name: str, by: int = 1) -> None:
@@ -314,12 +317,23 @@ def render_task_page(page: str) -> None:
     except (WeightsError, ValueError) as exc:
         st.error(f"The model '{spec.title}' cannot be loaded: {exc}")
         return
+    studies = accepts_studies(spec)
     with col_upload:
-        uploaded = st.file_uploader(f"Upload a scan: {UPLOAD_TYPES_HELP}", type=None, key=f"upload_{page}")
-    if uploaded is None:
-        st.info("Upload one image to see the model's prediction and heatmap. Nothing you upload is stored.")
+        uploads = st.file_uploader(f"Upload a scan: {UPLOAD_TYPES_HELP}" + (f"; {STUDY_TYPES_HELP}" if studies else ""),
+                                   type=None, accept_multiple_files=True, key=f"upload_{page}")
+    if not uploads:
+        st.info("Upload one image to see the model's prediction and heatmap" + (", or a whole series for a study call"
+                if studies else "") + ". Nothing you upload is stored.")
         card_summary(classifier.card)
         return
+    if len(uploads) > 1 or is_study(uploads[0].getvalue(), uploads[0].name):
+        if studies:
+            render_study_view(classifier, uploads)
+            card_summary(classifier.card)
+        else:
+            st.error("This page reads one image at a time. For several files or a ZIP, use the Batch page.")
+        return
+    uploaded = uploads[0]
     result = analyse_upload(classifier, uploaded.getvalue(), uploaded.name)
     if isinstance(result, str):
         st.error(result)

@@ -2,6 +2,7 @@
 
 Usage:
     python -m core.evaluate --task brain_mri --data ../shared/data/brain_mri
+    python -m core.evaluate --task head_ct --data DIR --by patient --json   # the study call, per patient
     python -m core.evaluate --task cxr_covid --data DIR --json --predictions preds.csv
     python -m core.evaluate --task ct_cancer --data DIR --weights other.safetensors --split test
 
@@ -9,6 +10,12 @@ The folder holds `manifest.csv` (path,label[,split][,patient], and a 0/1 column 
 for a multi-label model) or class subfolders. Every image is read with `core.imaging.read_scan`
 and preprocessed exactly as in the app. A multi-label model is scored on its classes and on each
 finding (ROC-AUC, average precision, sensitivity and specificity at the card's threshold).
+
+With `--by patient` every patient's slices (manifest `patient` column, ordered by `slice`) form one
+study, scored with the card's study call exactly as the app makes it (`core.study.call_study`): a
+patient is positive when any of its slices is; ROC-AUC of the study score, sensitivity and
+specificity at the card's study threshold, with bootstrap intervals over patients
+(`core.lab.study.score_patients`).
 """
 
 from __future__ import annotations
@@ -264,6 +271,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("--predictions", type=Path, default=None, help="write per-image predictions to this CSV")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--by", choices=("image", "patient"), default="image",
+                        help="score every image, or every patient's study call (needs a patient column)")
     return parser
 
 
@@ -301,8 +310,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.card_split:
             records, images = card_side(classifier, records, args.card_split)
         scores = score_records(classifier, records, args.batch_size, images)
+        if args.by == "patient":
+            from core.lab.study import format_patients, score_patients
+
+            patients = score_patients(classifier, records, scores)
     except (ValueError, WeightsError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    if args.by == "patient":
+        print(json.dumps(patients) if args.json else
+              format_patients(patients, f"{spec.key} ({classifier.card.name} {classifier.card.version}) per patient "
+                                        f"on {args.data}"))
+        return 0
     card = classifier.card
     predictions = decide(scores.probabilities, spec.labels, card.positive, card.threshold)
     metrics = compute_metrics(scores.targets, scores.probabilities, predictions, spec)
