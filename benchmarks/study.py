@@ -60,7 +60,7 @@ def series_zip(slices: int, size: int, seed: int = 0) -> bytes:
     return zip_files(series_files(slices, size, seed), seed)
 
 
-def series_files(slices: int, size: int, seed: int = 0, columns: int | None = None) -> list[bytes]:
+def series_files(slices: int, size: int, seed: int = 0) -> list[bytes]:
     """`slices` axial CT DICOM files of a head phantom in order, then one scout (another orientation, LOCALIZER)."""
     rng = np.random.default_rng(seed)
     files = []

@@ -237,31 +237,35 @@ def study_report_figure(content: StudyReportContent, when: datetime) -> Figure:
     strip.bar(numbers, scores, color="#8c8c8c", width=1.0)
     keys = [k.number for k in content.key_slices]
     strip.bar(keys, scores[np.asarray(keys, dtype=int) - 1], color="#d62728", width=1.0)
+    drawn = []
     if content.slice_threshold is not None:
         strip.axhline(content.slice_threshold, linestyle="--", color="black", linewidth=1)
+        drawn.append("dashed: the slice threshold")
+    if prediction.threshold is not None:
+        strip.axhline(prediction.threshold, linestyle=":", color="#d62728", linewidth=1.2)
+        drawn.append("dotted: the study threshold")
     strip.set_xlim(0.5, len(scores) + 0.5)
     strip.set_ylim(0, 1)
-    strip.set_xlabel("slice (anatomical order); red: key slices" + ("; dashed: the slice threshold"
-                                                                    if content.slice_threshold is not None else ""),
-                     fontsize=8)
+    strip.set_xlabel("; ".join(["slice (anatomical order)", "red: key slices", *drawn]), fontsize=8)
     strip.set_ylabel("probability", fontsize=8)
     strip.tick_params(labelsize=7)
+    # Key slices side by side: each the slice above and its heatmap below.
     top = y - 0.2
     shown = content.key_slices[:3]
-    height = 0.17
-    for row, key in enumerate(shown):
-        bottom = top - (row + 1) * (height + 0.02)
-        for position, picture, title in ((0.08, key.image, f"Slice {key.number}: {key.score:.0%}"),
-                                         (0.52, key.overlay, f"{content.method} for '{content.explained}'")):
-            axes = figure.add_axes((position, bottom, 0.4, height))
+    side = 0.16
+    for column, key in enumerate(shown):
+        left = 0.06 + column * 0.3
+        for row, (picture, title) in enumerate(((key.image, f"Slice {key.number}: {key.score:.0%}"),
+                                                (key.overlay, f"{content.method} for '{content.explained}'"))):
+            axes = figure.add_axes((left, top - (row + 1) * (side + 0.025), 0.28, side))
             axes.imshow(picture)
             axes.set_title(title, fontsize=8)
             axes.axis("off")
-    y = top - len(shown) * (height + 0.02) - 0.01
-    lines = list(content.notes) + [
-        f"Model: {card.name}, version {card.version} ({card.arch}); weights sha256 {card.sha256}",
+    y = top - (2 * (side + 0.025) if shown else 0) - 0.015
+    lines = [
+        f"Model: {card.name}, version {card.version} ({card.arch})", f"Weights sha256: {card.sha256}",
         "Heatmaps are coarse and normalised per slice: they show what drove the model, not where disease is.",
-    ]
+    ] + list(content.notes)
     _lines(figure, lines, y, size=8)
     for i, piece in enumerate(_wrap(DISCLAIMER, 95)):
         figure.text(0.06, 0.04 - 0.016 * i, piece, fontsize=9, weight="bold", va="top")
@@ -269,12 +273,13 @@ def study_report_figure(content: StudyReportContent, when: datetime) -> Figure:
 
 
 def _lines(figure: Figure, lines: list[str], y: float, size: int = 9, floor: float = 0.07) -> float:
-    """Write wrapped lines from `y` down (never below `floor`); returns where the next line would start."""
+    """Write wrapped lines from `y` down; past `floor` one last line says how many were left out."""
     step = 0.018 if size >= 9 else 0.015
-    for line in lines:
-        for piece in _wrap(line, 105 if size >= 9 else 120):
-            if y < floor:
-                return y
-            figure.text(0.06, y, piece, fontsize=size, va="top")
-            y -= step
+    pieces = [piece for line in lines for piece in _wrap(line, 105 if size >= 9 else 120)]
+    for index, piece in enumerate(pieces):
+        if y - step < floor and index < len(pieces) - 1:
+            figure.text(0.06, y, f"... and {len(pieces) - index} more line(s): see the page.", fontsize=size, va="top")
+            return y - step
+        figure.text(0.06, y, piece, fontsize=size, va="top")
+        y -= step
     return y

@@ -840,7 +840,7 @@ def study_report_content(analysis: StudyAnalysis, method: str | None = None, tar
         blended[heatmap.outside] = rgb[heatmap.outside]
         keys.append(KeySlice(index + 1, float(analysis.scores[index]), rgb, blended))
     notes = [f"{item.count} image(s) left out: {item.reason}" for item in analysis.left_out]
-    notes += list(analysis.warnings)
+    notes += [w for w in analysis.warnings if not w.startswith("Guard:")]  # the guard has its own line
     if analysis.prediction.findings:
         notes.append("Findings (study level: highest slice probability against the finding's threshold): " + "; ".join(
             f"{f.title} {f.probability:.0%} ({'unreliable' if f.unreliable else 'above' if f.above_threshold else 'below'}"
