@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 STUDY_MODALITIES = frozenset({"CT", "MR"})  # models that read slices of a series (not X-ray projections)
 MAX_ANALYSES = 2  # series analyses a session keeps (the one shown and the one before)
-STRIP_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["toImage", "lasso2d", "select2d"]}
+STRIP_CONFIG = {"displayModeBar": False}  # nothing to zoom: a click picks a slice
 KEY_COLOR, SLICE_COLOR, SHOWN_COLOR = "#d62728", "#9e9e9e", "#1f77b4"
 
 
@@ -125,17 +125,29 @@ def strip_figure(analysis: StudyAnalysis, shown: int) -> go.Figure:
                                     marker=dict(symbol="x", size=7, color="black"), name="outside the guard's range",
                                     hoverinfo="skip"))
     if rule.positive == card.positive and card.threshold is not None:
-        figure.add_hline(y=card.threshold, line=dict(dash="dash", color="black", width=1),
-                         annotation_text=f"slice threshold {card.threshold:.2f}", annotation_position="top left")
+        figure.add_hline(y=card.threshold, line=dict(dash="dash", color="black", width=1))
     if rule.threshold is not None:
-        figure.add_hline(y=rule.threshold, line=dict(dash="dot", color=KEY_COLOR, width=1),
-                         annotation_text=f"study threshold {rule.threshold:.2f}", annotation_position="top right")
+        figure.add_hline(y=rule.threshold, line=dict(dash="dot", color=KEY_COLOR, width=1.5))
     figure.add_vline(x=shown + 1, line=dict(color=SHOWN_COLOR, width=1))
     figure.update_layout(height=190, margin=dict(l=10, r=10, t=20, b=10), showlegend=False, bargap=0.05,
                          xaxis=dict(title="slice (anatomical order)", range=[0.5, len(scores) + 0.5]),
                          yaxis=dict(range=[0, 1.06], tickformat=".0%", title=None), clickmode="event+select",
                          dragmode=False)
     return figure
+
+
+def strip_legend(analysis: StudyAnalysis) -> str:
+    """What the strip shows, in one line (plain words and numbers)."""
+    card, rule = analysis.classifier.card, analysis.rule
+    parts = ["Per-slice probability; red bars: key slices; outlined: the slice shown; click a bar to show it"]
+    if rule.positive == card.positive and card.threshold is not None:
+        parts.append(f"dashed: the slice model's threshold {card.threshold:.2f}")
+    if rule.threshold is not None:
+        parts.append(f"dotted red: the study threshold {rule.threshold:.2f} (it applies to the study score, "
+                     f"{analysis.call.score:.2f} here, not to any one slice)")
+    if any(verdict.refused for verdict in analysis.verdicts):
+        parts.append("x: slices outside what the model was trained on")
+    return "; ".join(parts) + "."
 
 
 def _go_to(slider: str, number: int) -> None:
@@ -168,6 +180,7 @@ def slice_scroller(analysis: StudyAnalysis, prefix: str) -> int:
     shown = int(st.session_state[slider]) - 1
     st.plotly_chart(strip_figure(analysis, shown), key=strip, config=STRIP_CONFIG, on_select=partial(
         _strip_clicked, strip, slider, count), selection_mode="points")
+    st.caption(strip_legend(analysis))
     if count > 1:
         st.slider("Slice", 1, count, key=slider, help="Click the slider, then use the arrow keys to step through "
                                                       "the slices (Home / End: first / last).")
