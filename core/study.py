@@ -39,11 +39,12 @@ import numpy as np
 from core.archive import ArchiveError, UploadBudget, is_zip, open_zip
 from core.cards import ModelCard
 from core.decision import Band, Finding, Prediction, band_of, decide, finding_reliability, log_odds, positive_mask
-from core.guard import GuardVerdict, check_tags, plane_mismatch
+from core.guard import GuardVerdict, check_tags
 from core.imaging import MAX_UPLOAD_BYTES, ScanError, parse_dicom
 from core.models import Classifier
 from core.pipeline import BATCH_SIZE, Analysis, Heatmap, Refusal, short_digest
 from core.preprocess import EvalPreset, ModelInput, apply_steps, eight_bit
+from core.report import KeySlice, StudyReportContent
 from core.series import (
     MAX_MEMBERS,
     MAX_STUDY_BYTES,
@@ -813,7 +814,7 @@ def series_label(series: Series, index: int) -> str:
 
 
 def study_report_content(analysis: StudyAnalysis, method: str | None = None, target: str | None = None,
-                         window: tuple[float, float] | None = None) -> Any:
+                         window: tuple[float, float] | None = None) -> StudyReportContent:
     """What a study report shows (`core.report.StudyReportContent`): key slices with their heatmaps.
 
     Args:
@@ -824,7 +825,6 @@ def study_report_content(analysis: StudyAnalysis, method: str | None = None, tar
     """
     from core.explain import DEFAULT_METHOD, METHODS, overlay
     from core.preprocess import display_rgb
-    from core.report import KeySlice, StudyReportContent
 
     classifier, spec = analysis.classifier, analysis.classifier.spec
     preferred = classifier.card.explanations.get("default_method")

@@ -20,11 +20,10 @@ from pydicom import dcmread
 
 from benchmarks.study import head_phantom, series_files, zip_files
 from core.cards import read_card
-from core.decision import positive_score
 from core.guard import GuardVerdict
 from core.models import WEIGHTS_DIR
 from core.pipeline import Refusal, analyse
-from core.report import KeySlice, StudyReportContent, render_study_pdf
+from core.report import render_study_pdf
 from core.series import StudyError
 from core.study import (
     AGGREGATIONS,

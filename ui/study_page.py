@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -62,14 +61,21 @@ def _count(name: str, by: int = 1) -> None:
         st.session_state[name] = st.session_state.get(name, 0) + by
 
 
-def session_study(spec: TaskSpec, uploads: list[tuple[str, bytes]], digest: str) -> Study | str:
-    """The upload read as a study, once per session (only the one on screen is kept); a string is the message."""
+def session_study(spec: TaskSpec, files: list) -> tuple[Study, str] | str:
+    """The uploads read as a study and their digest, once per session (only the one on screen is kept);
+    a string is the message for an upload that cannot be read.
+
+    Keyed by Streamlit's id of each uploaded file, so scrolling never copies or hashes the upload again.
+    """
     modality = spec.modalities[0] if len(spec.modalities) == 1 else None
+    signature = (tuple(f.file_id for f in files), modality)
     held = st.session_state.get("study")
-    if held is not None and held["key"] == (digest, modality):
-        return held["study"]
+    if held is not None and held["signature"] == signature:
+        return held["study"], held["digest"]
     st.session_state.pop("study", None)  # the previous upload's pixels go before the next are read
     st.session_state.pop("study_analyses", None)
+    uploads = [(f.name, f.getvalue()) for f in files]
+    digest = upload_digest(uploads)
     try:
         with st.spinner("Reading the study..."):
             study = read_upload(uploads, spec)
@@ -78,8 +84,8 @@ def session_study(spec: TaskSpec, uploads: list[tuple[str, bytes]], digest: str)
     except Exception as exc:  # noqa: BLE001 - the page must survive any upload; the type is logged, not the file
         logger.error("study %s could not be read: %s", digest, type(exc).__name__)
         return f"This upload could not be read as a study (internal error: {type(exc).__name__})."
-    st.session_state["study"] = {"key": (digest, modality), "study": study}
-    return study
+    st.session_state["study"] = {"signature": signature, "digest": digest, "study": study}
+    return study, digest
 
 
 def session_analysis(classifier: Classifier, study: Study, index: int, digest: str) -> StudyAnalysis | Refusal:
@@ -287,13 +293,11 @@ def choose_series(classifier: Classifier, study: Study, digest: str) -> int | No
 def render_study_view(classifier: Classifier, files: list) -> None:
     """The whole study view for the uploads of a task page."""
     spec = classifier.spec
-    uploads = [(f.name, f.getvalue()) for f in files]
-    digest = upload_digest(uploads)
-    study = session_study(spec, uploads, digest)
-    del uploads
-    if isinstance(study, str):
-        st.error(study)
+    held = session_study(spec, files)
+    if isinstance(held, str):
+        st.error(held)
         return
+    study, digest = held
     index = choose_series(classifier, study, digest)
     if index is None:
         st.error(study.choose(spec).reason)
