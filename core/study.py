@@ -432,9 +432,10 @@ def study_guard(verdicts: Sequence[GuardVerdict]) -> GuardVerdict:
     """The study's guard verdict from its slices' verdicts.
 
     A DICOM tag mismatch (the same for every slice) refuses the study. Otherwise the study is out
-    of range when more than `GUARD_REFUSED_SHARE` of its slices are, borderline when any slice is
-    out of range or borderline (the call still reads every slice), else in range; its score is the
-    median slice score.
+    of range when more than `GUARD_REFUSED_SHARE` of its slices are; borderline when any slice is
+    out of range, or when more than that share is out of range or borderline together (a few
+    borderline slices at the ends of a long series are not worth a warning); else in range. The
+    call always reads every slice. Its score is the median slice score.
     """
     if not verdicts:
         return GuardVerdict.passed()
@@ -452,7 +453,7 @@ def study_guard(verdicts: Sequence[GuardVerdict]) -> GuardVerdict:
             f"{out} of {n} slices are outside what the model was trained on (their resemblance to its training images "
             "is below the guard's threshold): this series does not look like the model's scans."),
             score, first.threshold, first.borderline)
-    if out or edge:
+    if out or out + edge > GUARD_REFUSED_SHARE * n:
         parts = ([f"{out} of {n} slices are outside what the model was trained on"] if out else []) + \
                 ([f"{edge} are at its edge"] if edge else [])
         return GuardVerdict("borderline", "; ".join(parts) + ". The study call still reads every slice; look at those "

@@ -207,6 +207,9 @@ def test_the_study_guard_counts_its_slices() -> None:
     edge = study_guard([inside] * 3 + [out])
     assert edge.outcome == "borderline" and "1 of 4 slices" in edge.reason
     assert study_guard([inside] + [out] * 3).refused
+    edge_only = GuardVerdict("borderline", "edge", 0.55, 0.5, 0.6)
+    assert study_guard([inside] * 3 + [edge_only]).outcome == "in_range"  # one slice at the edge: no warning
+    assert study_guard([inside] + [edge_only] * 3).outcome == "borderline"
     tagged = GuardVerdict("out_of_range", "the DICOM file says its modality is MR.")
     assert study_guard([tagged] * 3) is tagged
 
