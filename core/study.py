@@ -952,16 +952,23 @@ def study_rows(classifier: Classifier, data: bytes | Iterable[tuple[str, bytes]]
         The rows.
     """
     label = name if name is not None else (filename or "")
-    files = [(filename or "", data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    files = [(filename or "", data)] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    hasher = hashlib.sha256()
+
+    def hashed() -> Iterator[tuple[str, bytes]]:  # the digest as `upload_digest` makes it, members read lazily
+        for member_name, member in files:
+            if isinstance(member, (bytes, bytearray, memoryview)):  # anything else: read_upload says what is wrong
+                hasher.update(hashlib.sha256(member).digest())
+            yield member_name, member
+
     try:
-        digest = upload_digest(files)
-        study = read_upload(files, classifier.spec)
+        study = read_upload(hashed(), classifier.spec)
+        digest = short_digest(hasher.hexdigest())
     except (StudyError, ScanError) as exc:
         return [study_row(label, Refusal("rejected", str(exc)), detail=detail)]
     except Exception as exc:  # noqa: BLE001 - a bad upload must never stop the caller; the type is logged, not the file
         logger.error("study upload failed for %s: %s", classifier.spec.key, type(exc).__name__)
         return [study_row(label, Refusal("error", f"internal error: {type(exc).__name__}"), detail=detail)]
-    del files
     rows = []
     for index in series_order(study, classifier.spec):
         outcome = analyse_series(classifier, study, index, digest=digest, progress=progress)
