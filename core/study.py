@@ -398,8 +398,7 @@ def call_study(rule: StudyRule, spec: TaskSpec, probabilities: np.ndarray, findi
         members = positive_mask(labels, rule.positive)
         scores = probabilities[:, members].sum(axis=1)
         score = aggregate(scores, rule.aggregation, rule.params)
-        keys = _key_order(scores)[:max(1, rule.key_slices)]
-        inside = probabilities[keys][:, members].mean(axis=0)
+        inside = probabilities[_key_order(scores)[:max(1, rule.key_slices)]][:, members].mean(axis=0)
         outside = probabilities[:, ~members].mean(axis=0)
         study = np.zeros(len(labels))
         study[members] = score * _shares(inside)
