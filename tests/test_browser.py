@@ -127,9 +127,9 @@ def viewer_ranges(driver) -> list:
         "return gd;", "const l = gd._fullLayout; return [l.xaxis.range, l.yaxis.range, l.xaxis2.range, l.yaxis2.range];"))
 
 
-@pytest.mark.parametrize("path,title", [("", "SecondLook"), ("Brain_MRI", "Brain MRI"), ("Chest_X-ray", "Chest X-ray"),
-                                        ("Lung_CT", "Lung CT"), ("Head_CT", "Head CT"), ("Model_cards", "Model cards"),
-                                        ("Batch", "Batch")])
+@pytest.mark.parametrize("path,title", [("", "SecondLook"), ("brain-mri", "Brain MRI"), ("chest-x-ray", "Chest X-ray"),
+                                        ("lung-ct", "Lung CT"), ("head-ct", "Head CT"), ("model-cards", "Model cards"),
+                                        ("batch", "Batch")])
 def test_every_page_opens(server, browser, path: str, title: str) -> None:
     browser.get(f"{server}/{path}")
     body = wait_for_text(browser, "not for diagnosis")
@@ -149,10 +149,10 @@ def pick(browser, label: str, option: str) -> None:
 @pytest.mark.parametrize(
     "page,filename,make,output",
     [
-        ("Brain_MRI", "scan.png", lambda: encode(synthetic_slice(200, seed=11)), None),
-        ("Chest_X-ray", "chest.png", lambda: encode(synthetic_slice(300, seed=12)), None),
-        ("Lung_CT", "slice.dcm", lambda: make_dicom(((synthetic_slice(128, seed=3).astype("int16") * 8))), None),
-        ("Head_CT", "IMG0007.dcm", head_ct_dicom, "skull fracture"),  # a finding of the multi-label model
+        ("brain-mri", "scan.png", lambda: encode(synthetic_slice(200, seed=11)), None),
+        ("chest-x-ray", "chest.png", lambda: encode(synthetic_slice(300, seed=12)), None),
+        ("lung-ct", "slice.dcm", lambda: make_dicom(((synthetic_slice(128, seed=3).astype("int16") * 8))), None),
+        ("head-ct", "IMG0007.dcm", head_ct_dicom, "skull fracture"),  # a finding of the multi-label model
     ],
 )
 def test_upload_heatmap_controls_and_download(server, browser, tmp_path: Path, page: str, filename: str, make,
@@ -216,7 +216,7 @@ def test_zooming_one_viewer_panel_zooms_the_other(server, browser, tmp_path: Pat
 
     upload = tmp_path / "zoom.png"
     upload.write_bytes(encode(synthetic_slice(200, seed=11)))
-    browser.get(f"{server}/Brain_MRI")
+    browser.get(f"{server}/brain-mri")
     wait_for_text(browser, "not for diagnosis")
     wait_for_upload_input(browser).send_keys(str(upload))
     if "Model output:" not in wait_for_either(browser, "Model output:", "Not classified"):
@@ -240,7 +240,7 @@ def test_zooming_one_viewer_panel_zooms_the_other(server, browser, tmp_path: Pat
 def test_bad_upload_gets_a_message_in_the_browser(server, browser, tmp_path: Path) -> None:
     upload = tmp_path / "report.png"
     upload.write_bytes(b"%PDF-1.4 this is a report, not an image")
-    browser.get(f"{server}/Brain_MRI")
+    browser.get(f"{server}/brain-mri")
     wait_for_text(browser, "not for diagnosis")
     wait_for_upload_input(browser).send_keys(str(upload))
     body = wait_for_text(browser, "not a readable image")

@@ -97,19 +97,19 @@ def show_answer(classifier: Classifier, analysis: Analysis) -> None:
     st.subheader(f"Model output: {prediction.headline_text()}")
     if prediction.guard.warned:
         st.warning(f"Borderline input. {prediction.guard.reason}", icon="⚠️")
-    if prediction.uncertain:
-        test = card.indeterminate.get("test", {})
-        measured = ""
-        if test.get("share_uncertain") is not None and test.get("accuracy_inside") is not None:
-            measured = (f" On the held-out split {test['share_uncertain']:.0%} of images fell in this band and the model "
-                        f"was right on {test['accuracy_inside']:.0%} of them (vs {test['accuracy_outside']:.0%} outside).")
-        st.warning(f"This output lies inside the indeterminate band ({card.indeterminate.get('rule', '')}): the model "
-                   f"cannot tell the classes apart here.{measured}")
+    if prediction.uncertain and card.indeterminate is not None:
+        band = card.indeterminate.classes
+        test, measured = band.test, ""
+        if test.share_uncertain is not None and test.accuracy_inside is not None and test.accuracy_outside is not None:
+            measured = (f" On the held-out split {test.share_uncertain:.0%} of images fell in this band and the model "
+                        f"was right on {test.accuracy_inside:.0%} of them (vs {test.accuracy_outside:.0%} outside).")
+        st.warning(f"This output lies inside the indeterminate band ({band.rule}): the model cannot tell the classes "
+                   f"apart here.{measured}")
     st.plotly_chart(probability_chart(prediction, spec), key=f"probs_{spec.key}", config={"displayModeBar": False})
     if prediction.threshold is not None:
-        at = card.metrics.get("at_threshold", {})
-        measured = (f"; on held-out images sensitivity {at['sensitivity']:.2f}, specificity {at['specificity']:.2f}"
-                    if at.get("sensitivity") is not None and at.get("specificity") is not None else "")
+        at = card.test_figures.at_threshold
+        measured = (f"; on held-out images sensitivity {at.sensitivity:.2f}, specificity {at.specificity:.2f}"
+                    if at is not None and at.sensitivity is not None and at.specificity is not None else "")
         st.caption(
             f"Calls {spec.positive_title} when its probability is at least {prediction.threshold:.2f} "
             f"(operating threshold chosen on validation data{measured}); here it is {prediction.positive_probability:.1%}."
@@ -125,8 +125,8 @@ def show_findings_table(classifier: Classifier, prediction: Prediction) -> None:
     """A multi-label model's independent findings: each against its own threshold, with its held-out figures."""
     rows = []
     for finding in prediction.findings:
-        test = classifier.card.findings.get(finding.key, {}).get("test", {})
-        auc = test.get("roc_auc")
+        test = classifier.card.findings[finding.key].test
+        auc = test.roc_auc
         sens, spec_ = finding.sensitivity, finding.specificity
         rows.append({"finding": finding.title, "probability": f"{finding.probability:.1%}",
                      "threshold": f"{finding.threshold:.2f}", "above threshold": "yes" if finding.above_threshold else "no",
@@ -135,7 +135,7 @@ def show_findings_table(classifier: Classifier, prediction: Prediction) -> None:
                      "held-out sensitivity / specificity": "n/a" if sens is None or spec_ is None
                      else f"{sens:.2f} / {spec_:.2f}",
                      "held-out ROC-AUC": f"{auc:.2f}" if auc is not None else "n/a",
-                     "held-out positive slices": test.get("positives", "n/a"),
+                     "held-out positive slices": test.positives,
                      "why unreliable": finding.unreliable or ""})
     st.dataframe(rows, hide_index=True)
     st.caption("Each finding has its own threshold, chosen on validation data. A finding whose own validation figures "
@@ -167,7 +167,8 @@ def stability_panel(classifier: Classifier, analysis: Analysis) -> None:
 
 def default_method(classifier: Classifier) -> str:
     """The CAM method the card measured as most faithful on held-out images, else `DEFAULT_METHOD`."""
-    method = classifier.card.explanations.get("default_method")
+    explanations = classifier.card.explanations
+    method = explanations.default_method if explanations is not None else None
     return method if method in METHODS else DEFAULT_METHOD
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.cards import read_card, write_card
+from core.cards import update_card
 from core.lab.data import check_labels, group_records, preprocess_pixels, read_records
 from core.lab.data import recorded_split
 from core.lab.evaluate import compute_finding_metrics, compute_metrics, score_records
@@ -96,8 +96,9 @@ def group_bootstrap(measure, names: list[str], groups: np.ndarray, resamples: in
     """95% percentile intervals of `measure(index) -> {name: value or None}`, resampling whole groups.
 
     Returns:
-        {name: {"estimate", "low", "high"}, "resamples", "unit", "groups"}; a resample where a
-        metric is undefined (None, e.g. no positive case drawn) is left out of that metric's interval.
+        The card's `Intervals`: {"resamples", "unit", "groups", "metrics": {name: {"estimate", "low", "high"}}};
+        a resample where a metric is undefined (None, e.g. no positive case drawn) is left out of that
+        metric's interval.
     """
     rng = np.random.default_rng(seed)
     unique, inverse = np.unique(groups, return_inverse=True)
@@ -111,11 +112,11 @@ def group_bootstrap(measure, names: list[str], groups: np.ndarray, resamples: in
             if values[name] is not None:
                 samples[name].append(values[name])
     out: dict = {"resamples": resamples, "unit": "split group (near-duplicates merged with patients)",
-                 "groups": int(len(members))}
+                 "groups": int(len(members)), "metrics": {}}
     for name in names:
         drawn = np.asarray(samples[name])
         low, high = (float(np.percentile(drawn, 2.5)), float(np.percentile(drawn, 97.5))) if len(drawn) else (None, None)
-        out[name] = {"estimate": estimate[name], "low": low, "high": high}
+        out["metrics"][name] = {"estimate": estimate[name], "low": low, "high": high}
     return out
 
 
@@ -190,6 +191,12 @@ def band_figures(distance: np.ndarray, correct: np.ndarray, width: float) -> dic
             "share_uncertain": float(inside.mean()) if len(inside) else None,
             "accuracy_outside": float(correct[~inside].mean()) if (~inside).any() else None,
             "accuracy_inside": float(correct[inside].mean()) if inside.any() else None}
+
+
+def interval_summary(intervals: dict) -> str:
+    """One line: each metric's estimate and 95% interval."""
+    return ", ".join(f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in intervals["metrics"].items()
+                     if v.get("low") is not None)
 
 
 def band_summary(band: dict) -> str:
@@ -389,7 +396,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def appraise(classifier: Classifier, records: list, args: argparse.Namespace) -> dict:
     """All new card sections for one model (see the module docstring)."""
     spec, card = classifier.spec, classifier.card
-    every, raw_every, sides = recorded_split(records, spec, card.training.get("config", {}), preprocess=False)
+    every, raw_every, sides = recorded_split(records, spec, card.training.config, preprocess=False)
     scored = {}
     for side in ("val", "test"):
         chosen = [i for i, s in enumerate(sides) if s == side]
@@ -401,12 +408,12 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
     val_scores = scored["val"][3]
     predictions = decide(probabilities, spec.labels, card.positive, card.threshold)
     _, groups = group_records(test_records, raw)  # bootstrap units: groups as the split made them (before the steps)
-    sections = {"indeterminate": indeterminate_band(class_band_inputs(val_scores.targets, val_scores.probabilities, spec, card),
-                                                    class_band_inputs(targets, probabilities, spec, card),
-                                                    spec.positive_title, card.threshold)}
+    sections = {"indeterminate": {"classes": indeterminate_band(
+        class_band_inputs(val_scores.targets, val_scores.probabilities, spec, card),
+        class_band_inputs(targets, probabilities, spec, card), spec.positive_title, card.threshold)}}
     if spec.findings:
-        thresholds = [float(card.findings[name]["threshold"]) for name in spec.findings]
-        sections["finding_bands"] = {
+        thresholds = [card.findings[name].threshold for name in spec.findings]
+        sections["indeterminate"]["findings"] = {
             name: indeterminate_band(
                 finding_band_inputs(val_scores.finding_targets[:, j], val_scores.finding_probabilities[:, j], thresholds[j]),
                 finding_band_inputs(finding_truth[:, j], finding_probabilities[:, j], thresholds[j]),
@@ -414,10 +421,11 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
             for j, name in enumerate(spec.findings)}
     if args.only == "indeterminate":
         return sections
-    sections["intervals"] = bootstrap_intervals(targets, probabilities, predictions, groups, spec, card.positive
-                                                if card.threshold is not None else None, args.resamples)
-    sections["curves"] = {"roc": roc_curves(targets, probabilities, spec, card.positive if card.threshold is not None else None),
-                          "reliability": reliability(targets, probabilities)}
+    sections["appraisal"] = {
+        "intervals": bootstrap_intervals(targets, probabilities, predictions, groups, spec, card.positive
+                                         if card.threshold is not None else None, args.resamples),
+        "roc": roc_curves(targets, probabilities, spec, card.positive if card.threshold is not None else None),
+        "reliability": reliability(targets, probabilities)}
     chosen = stratified_sample(targets, args.faithfulness_images)
     preset = EvalPreset(spec)
     tensors = [preset.from_pixels(images[i]).tensor for i in chosen]
@@ -428,8 +436,8 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
                           originals={m: maps[:sanity_n] for m, maps in heatmaps.items()})
     sections["explanations"] = explanation_summary(table, sanity, len(tensors))
     if spec.findings:
-        sections["finding_intervals"] = finding_intervals(finding_truth, finding_probabilities, thresholds, groups, spec,
-                                                          args.resamples)
+        sections["appraisal"]["findings"] = finding_intervals(finding_truth, finding_probabilities, thresholds, groups,
+                                                              spec, args.resamples)
     return sections
 
 
@@ -445,33 +453,22 @@ def main(argv: list[str] | None = None) -> int:
         sections = appraise(classifier, records, args)
     except (ValueError, WeightsError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    print(f"{spec.key}: indeterminate band: {band_summary(sections['indeterminate'])}")
-    for name, band in sections.get("finding_bands", {}).items():
+    bands = sections["indeterminate"]
+    print(f"{spec.key}: indeterminate band: {band_summary(bands['classes'])}")
+    for name, band in bands.get("findings", {}).items():
         print(f"  finding {name} band: {band_summary(band)}")
-    if "intervals" in sections:
-        print("  " + ", ".join(f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
-                               for k, v in sections["intervals"].items() if isinstance(v, dict) and v.get("low") is not None))
+    if "appraisal" in sections:
+        print("  " + interval_summary(sections["appraisal"]["intervals"]))
         table = sections["explanations"]["faithfulness"]["methods"]
         print("  ROAD: " + ", ".join(f"{m} {v['mean']:+.3f}" for m, v in table.items())
               + f"; default {sections['explanations']['default_method']}")
         for method, values in sections["explanations"]["sanity_check"]["methods"].items():
             print(f"  randomisation {method}: " + " -> ".join(f"{v:.2f}" for v in values))
-    for name, found in sections.get("finding_intervals", {}).items():
-        print(f"  finding {name}: " + ", ".join(f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
-                                               for k, v in found.items() if isinstance(v, dict) and v.get("low") is not None))
+        for name, found in sections["appraisal"].get("findings", {}).items():
+            print(f"  finding {name}: {interval_summary(found)}")
     if not args.dry_run:
         path = card_path(spec, args.weights)
-        card = read_card(path)
-        card.indeterminate = sections["indeterminate"]
-        if "intervals" in sections:
-            card.metrics["intervals"] = sections["intervals"]
-            card.metrics["curves"] = sections["curves"]
-            card.explanations = sections["explanations"]
-        for name, found in sections.get("finding_intervals", {}).items():
-            card.findings[name]["test"]["intervals"] = found
-        for name, band in sections.get("finding_bands", {}).items():
-            card.findings[name]["indeterminate"] = band
-        write_card(card, path)
+        update_card(path, "appraisal: " + ", ".join(sections), **sections)
         print(f"  wrote {path.relative_to(WEIGHTS_DIR.parent) if path.is_relative_to(WEIGHTS_DIR.parent) else path}")
     return 0
 

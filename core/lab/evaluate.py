@@ -249,7 +249,8 @@ def run_card_section(parser: argparse.ArgumentParser, argv: list[str] | None, fi
         parser.exit(2, f"error: {exc}\n")
     print(describe(section, spec.key))
     if args.write_card:
-        update_card(card_path(spec, args.weights), **{field: section})
+        update_card(card_path(spec, args.weights), f"{field}: {parser.prog} " + " ".join(argv or sys.argv[1:]),
+                    **{field: section})
     return 0
 
 
@@ -283,7 +284,7 @@ def card_side(classifier: Classifier, records: list[Record], side: str,
               preprocess: bool = True) -> tuple[list[Record], list[np.ndarray]]:
     """The records (and pixels) on one side of the split the card says the model was trained with;
     preprocess=False: the pixels before the model's preprocessing steps (see `recorded_split`)."""
-    records, images, sides = recorded_split(records, classifier.spec, classifier.card.training.get("config", {}),
+    records, images, sides = recorded_split(records, classifier.spec, classifier.card.training.config,
                                             preprocess)
     chosen = [i for i, s in enumerate(sides) if s == side]
     return [records[i] for i in chosen], [images[i] for i in chosen]
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics["at_threshold"] = {"threshold": card.threshold, **threshold_figures(
             scores.probabilities, scores.targets, spec.labels, card.positive, card.threshold)}
     if spec.findings:
-        thresholds = [float(card.findings[name]["threshold"]) for name in spec.findings]
+        thresholds = [card.findings[name].threshold for name in spec.findings]
         metrics["findings"] = compute_finding_metrics(scores.finding_targets, scores.finding_probabilities, thresholds,
                                                      spec.findings)
     if args.predictions:

@@ -133,7 +133,7 @@ class Dataset:
 
 def read_dataset(root: Path, key: str, folder: Path) -> Dataset:
     """A task's folder with the split its card records."""
-    config = read_card(folder / f"{key}.json").training["config"]
+    config = read_card(folder / f"{key}.json").training.config
     _, pixels, sides = recorded_split(read_records(root / get_task(key).data_folder), get_task(key), config)
     return Dataset(pixels, sides)
 
@@ -179,7 +179,7 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     non_medical_weight = args.non_medical_weight or NON_MEDICAL_WEIGHT
     for key in keys:
         spec = get_task(key)
-        classifier = load_model(spec, folder / f"{key}.safetensors")
+        classifier = load_model(spec, folder / f"{key}.safetensors", require_guard=False)  # the guard is what is being fitted
         own = datasets[key]
         positive = features_of(classifier, own.side("train", args.fit_images, 0))
         others = {k: d for k, d in datasets.items() if get_task(k).data_folder != spec.data_folder}
@@ -225,6 +225,7 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
                             "documents/screenshots drawn with another seed"),
             "command": "python -m core.lab.guard_fit " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
+        card.log(f"guard: {card.guard.command}")
         write_card(card, folder / f"{key}.json")
         results[key] = measured
         logger.info("%s guard: %s", key, json.dumps(measured))
