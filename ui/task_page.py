@@ -22,7 +22,8 @@ import numpy as np
 import streamlit as st
 
 from core.decision import Prediction
-from core.explain import COLORMAPS, DEFAULT_METHOD, LOCALISATION_THRESHOLD, METHODS, draw_region, locate, overlay
+from core.explain import (CLASS_INDEPENDENT, COLORMAPS, DEFAULT_METHOD, LOCALISATION_THRESHOLD, METHODS, cam_layers,
+                          draw_region, locate, overlay)
 from core.feedback import VERDICTS, make_feedback, record_feedback
 from core.guard import plane_mismatch
 from core.models import Classifier, WeightsError
@@ -165,6 +166,25 @@ def stability_panel(classifier: Classifier, analysis: Analysis) -> None:
         st.warning("The call changes under small changes of the image: treat it as uncertain.")
 
 
+def method_notes(classifier: Classifier) -> dict[str, str]:
+    """What the reader must know of a method before reading its map: class-independent, or failing the card's
+    randomisation check."""
+    explanations = classifier.card.explanations
+    fails = set(explanations.fails_randomisation) if explanations is not None else set()
+    notes = {m: "class-independent" for m in CLASS_INDEPENDENT}
+    for m in fails:
+        notes[m] = (notes[m] + "; " if m in notes else "") + "fails the randomisation check"
+    return notes
+
+
+def heatmap_resolution(classifier: Classifier) -> str:
+    """The grid the heatmaps are computed on, in words ("features.13 + features.18: a 14 x 14 grid")."""
+    spec = classifier.spec
+    layers = cam_layers(classifier)
+    grid = spec.backbone.cam_grid(spec.input_size) * (2 if spec.backbone.fine_cam_layer in layers else 1)
+    return f"{' + '.join(layers)}: a {grid} x {grid} grid"
+
+
 def default_method(classifier: Classifier) -> str:
     """The CAM method the card measured as most faithful on held-out images, else `DEFAULT_METHOD`."""
     explanations = classifier.card.explanations
@@ -215,7 +235,9 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     target = col_class.selectbox("Explain output" if spec.findings else "Explain class", spec.outputs,
                                  index=analysis.prediction.index, format_func=spec.output_title, key=f"cam_class_{prefix}")
     preferred = default_method(classifier)
+    notes = method_notes(classifier)
     method = col_method.selectbox("Method", METHODS, index=METHODS.index(preferred), key=f"cam_method_{prefix}",
+                                  format_func=lambda m: f"{m} ({notes[m]})" if m in notes else m,
                                   help=f"{preferred} is the default: it was the most faithful method for this model "
                                        "on held-out images (see the Model cards page).")
     colormap = col_map.selectbox("Colormap", list(COLORMAPS), key=f"cam_cmap_{prefix}")
@@ -225,6 +247,7 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     region_style = col_region.radio("Strongest region", ["off", "outline", "box"], horizontal=True,
                                     key=f"cam_region_{prefix}")
     title = spec.output_title(target)
+    shown_as = "any class (class-independent)" if method in CLASS_INDEPENDENT else f"'{title}'"
     fresh = not analysis.has_heatmap(target, method)
     try:
         with st.spinner(f"Computing {method} for {title}..."):
@@ -243,7 +266,7 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
             blended = draw_region(blended, region, region_style)
         left_title = "As read" if rgb is _rgb(analysis) else "In the display window"
         overlay_png = png_bytes(blended)  # shown in the viewer and offered as the download: encoded once
-        st.plotly_chart(synced_viewer(png_bytes(rgb), overlay_png, rgb.shape[:2], left_title, f"{method} for '{title}'"),
+        st.plotly_chart(synced_viewer(png_bytes(rgb), overlay_png, rgb.shape[:2], left_title, f"{method} for {shown_as}"),
                         config=VIEWER_CONFIG, key=f"viewer_{prefix}")
         reading = st.empty()  # the faithfulness line, filled last
     if region is not None:
@@ -253,10 +276,13 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
         top, bottom, left, right = analysis.input.region
         st.caption(f"The model looked at rows {top}-{bottom} and columns {left}-{right} of this image (its border crop); "
                    "outside them the heatmap is empty because the model never saw those pixels.")
-    grid = spec.cam_grid
-    coarse = f"{spec.cam_layer} gives a {grid} x {grid} grid, smoothed to the image" if grid else f"from {spec.cam_layer}"
-    st.caption(f"Heatmaps are coarse ({coarse}) and normalised per image: red marks where this image's evidence is "
-               "strongest, not how strong it is. They show what drove the model, not where disease is.")
+    if method in notes:
+        st.caption(f"{method}: {notes[method]}. " + ("It shows what the layer responds to most, whichever class is "
+                   "chosen." if method in CLASS_INDEPENDENT else "Its map changed little when the model's layers were "
+                   "randomised (Model cards page): read it as image structure rather than the model's evidence."))
+    st.caption(f"Heatmaps are coarse ({heatmap_resolution(classifier)}, smoothed to the image; outside the body "
+               "suppressed) and normalised per image: red marks where this image's evidence is strongest, not how "
+               "strong it is. They show what drove the model, not where disease is.")
     stem = f"secondlook-{spec.key}-{target}-{method.lower().replace('+', 'plus')}"
     col_png, col_pdf = st.columns(2)
     col_png.download_button("Download the overlay (PNG)", data=overlay_png, mime="image/png", on_click="ignore",

@@ -38,7 +38,8 @@ from core.cards import update_card
 from core.lab.data import check_labels, group_records, preprocess_pixels, read_records
 from core.lab.data import recorded_split
 from core.lab.evaluate import compute_finding_metrics, compute_metrics, score_records
-from core.explain import METHODS, ROAD_PERCENTILES, compute_cam, road_score
+from core.explain import (CLASS_INDEPENDENT, DEFAULT_METHOD, METHODS, ROAD_PERCENTILES, body_mask, compute_cam,
+                          input_grey, mass_inside, road_score, suppress)
 from core.cards import ModelCard
 from core.decision import Band, decide, decision_distance, log_odds, positive_mask, positive_score
 from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, card_path, head_module, load_candidate
@@ -284,8 +285,58 @@ def stratified_sample(targets: np.ndarray, count: int, seed: int = 0) -> np.ndar
     return np.asarray(sorted(chosen), dtype=np.int64)
 
 
-def faithfulness(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int]) -> tuple[dict, dict]:
-    """ROAD score of every CAM method over the same images (each for the class the model decided).
+def cam_layer_candidates(spec: TaskSpec) -> dict[str, tuple[str, ...]]:
+    """The layer sets a model's heatmaps may use: its last block (7 x 7 at 224 px), and where the backbone table
+    names one, its finer block alone and fused with the last (14 x 14)."""
+    out = {"last block": (spec.cam_layer,)}
+    fine = spec.backbone.fine_cam_layer
+    if fine:
+        out["finer block"] = (fine,)
+        out["finer + last block"] = (fine, spec.cam_layer)
+    return out
+
+
+def choose_cam_layers(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int],
+                      method: str = DEFAULT_METHOD) -> dict:
+    """Measure each candidate layer set (ROAD of its background-suppressed map; CAM mass inside the body before and
+    after suppression) and choose the most faithful one at 14 x 14 or finer (the last block where there is none).
+
+    Returns:
+        The card's `explanations.cam_layers`: {"chosen": [...], "rule", "method", "images", "candidates": {name:
+        {"layers", "grid", "road", "mass_in_body_raw", "mass_in_body", "empty_maps"}}}.
+    """
+    spec = classifier.spec
+    candidates = {}
+    for name, layers in cam_layer_candidates(spec).items():
+        roads, raw_mass, kept_mass, empty = [], [], [], 0
+        for tensor, index in zip(tensors, classes):
+            raw = compute_cam(classifier, tensor, index, method, layers, suppress_background=False)
+            mask = body_mask(input_grey(tensor, spec))
+            shown = suppress(raw, mask)
+            if float(shown.max()) <= 0:  # no map: no ranking of pixels, ROAD 0
+                empty += 1
+                roads.append(0.0)
+                continue
+            raw_mass.append(mass_inside(raw, mask))
+            kept_mass.append(mass_inside(shown, mask))
+            roads.append(road_score(classifier, tensor, shown, index).score)
+        grid = spec.backbone.cam_grid(spec.input_size) * (2 if spec.backbone.fine_cam_layer in layers else 1)
+        candidates[name] = {"layers": list(layers), "grid": grid,
+                            "road": float(np.mean(roads)) if roads else None,
+                            "mass_in_body_raw": float(np.mean(raw_mass)) if raw_mass else None,
+                            "mass_in_body": float(np.mean(kept_mass)) if kept_mass else None, "empty_maps": empty}
+        logger.info("%s CAM layers %s: %s", spec.key, name, candidates[name])
+    fine = {n: c for n, c in candidates.items() if c["grid"] >= 14 and c["road"] is not None} or candidates
+    chosen = max(fine, key=lambda n: (fine[n]["road"] if fine[n]["road"] is not None else -1.0))
+    return {"chosen": candidates[chosen]["layers"], "chosen_name": chosen, "method": method, "images": len(tensors),
+            "rule": f"highest mean ROAD of the {method} map (background suppressed) among the sets at 14 x 14 or finer, "
+                    "on held-out test images",
+            "candidates": candidates}
+
+
+def faithfulness(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int],
+                 layers: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """ROAD score of every CAM method over the same images (each for the class the model decided), on `layers`.
 
     Returns:
         (the table per method, the heatmaps per method in image order).
@@ -295,7 +346,7 @@ def faithfulness(classifier: Classifier, tensors: list[torch.Tensor], classes: l
         scores, seconds, heatmaps[method] = [], [], []
         for tensor, index in zip(tensors, classes):
             start = time.perf_counter()
-            heatmap = compute_cam(classifier, tensor, index, method)
+            heatmap = compute_cam(classifier, tensor, index, method, layers)
             seconds.append(time.perf_counter() - start)
             heatmaps[method].append(heatmap)
             scores.append(road_score(classifier, tensor, heatmap, index).score)
@@ -330,21 +381,26 @@ def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def sanity_check(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int], stages: int = 4,
-                 seed: int = 0, originals: dict[str, list[np.ndarray]] | None = None) -> dict:
+                 seed: int = 0, layers: tuple[str, ...] | None = None) -> dict:
     """Cascading model randomisation: rank correlation of each method's map with the trained model's.
 
     A faithful method's map should change (correlation falls towards 0) once the layers it
     depends on are randomised; a map that survives randomisation shows image structure, not
     what the model learned.
 
+    The maps are compared without the background suppression, which would add the same image
+    structure (the body's outline) to both.
+
     Args:
-        originals: The trained model's maps per method for these images, where already computed.
+        layers: The layers the maps are computed on.
 
     Returns:
         {"stages": [names randomised cumulatively], "methods": {method: [mean |Spearman| per stage]}}.
     """
-    if originals is None:
-        originals = {m: [compute_cam(classifier, t, c, m) for t, c in zip(tensors, classes)] for m in METHODS}
+    def cam(model_classifier: Classifier, tensor: torch.Tensor, index: int, method: str) -> np.ndarray:
+        return compute_cam(model_classifier, tensor, index, method, layers, suppress_background=False)
+
+    originals = {m: [cam(classifier, t, c, m) for t, c in zip(tensors, classes)] for m in METHODS}
     model = copy.deepcopy(classifier.module)
     cascade = randomisation_stages(model, classifier.spec.arch)[:stages]
     generator = torch.Generator().manual_seed(seed)
@@ -355,7 +411,7 @@ def sanity_check(classifier: Classifier, tensors: list[torch.Tensor], classes: l
         randomise_(block, generator)
         result["stages"].append(name)
         for method in METHODS:
-            values = [abs(_rank_correlation(original, compute_cam(scratch, t, c, method)))
+            values = [abs(_rank_correlation(original, cam(scratch, t, c, method)))
                       for original, t, c in zip(originals[method], tensors, classes)]
             result["methods"][method].append(float(np.mean(values)))
         logger.info("%s randomised up to %s: %s", classifier.spec.key, name,
@@ -363,16 +419,29 @@ def sanity_check(classifier: Classifier, tensors: list[torch.Tensor], classes: l
     return result
 
 
-def explanation_summary(table: dict, sanity: dict, images: int) -> dict:
-    """The card's `explanations` section: the table, the chosen default and the sanity check."""
-    best = max(table, key=lambda m: table[m]["mean"])
+RANDOMISATION_FAIL = 0.8  # a map this similar (mean |Spearman|) after the whole cascade is randomised: it fails
+
+
+def explanation_summary(table: dict, sanity: dict, images: int, layers: dict) -> dict:
+    """The card's `explanations` section: the table, the chosen default, the sanity check, the CAM layers.
+
+    The default is the most faithful method that depends on the class asked for and passes the
+    randomisation check (its map changes once the model's layers are randomised).
+    """
+    fails = [m for m, values in sanity["methods"].items() if values and values[-1] >= RANDOMISATION_FAIL]
+    allowed = [m for m in table if m not in fails and m not in CLASS_INDEPENDENT] or list(table)
+    best = max(allowed, key=lambda m: table[m]["mean"])
     return {
         "faithfulness": {"metric": f"ROAD (MoRF - LeRF) / 2 over percentiles {list(ROAD_PERCENTILES)}, "
-                                   "calibrated probability of the decided class",
+                                   "calibrated probability of the decided class, background suppressed",
                          "images": images, "methods": table},
         "default_method": best,
-        "default_rule": "highest mean ROAD score on held-out test images",
+        "default_rule": ("highest mean ROAD score on held-out test images among the class-dependent methods that "
+                         f"pass the randomisation check (mean |Spearman| below {RANDOMISATION_FAIL} once the "
+                         f"cascade through {sanity['stages'][-1] if sanity['stages'] else 'the head'} is randomised)"),
         "sanity_check": sanity,
+        "fails_randomisation": fails,
+        "cam_layers": layers,
     }
 
 
@@ -430,11 +499,11 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
     preset = EvalPreset(spec)
     tensors = [preset.from_pixels(images[i]).tensor for i in chosen]
     classes = [int(predictions[i]) for i in chosen]
-    table, heatmaps = faithfulness(classifier, tensors, classes)
+    layers = choose_cam_layers(classifier, tensors, classes)
+    table, _ = faithfulness(classifier, tensors, classes, tuple(layers["chosen"]))
     sanity_n = min(args.sanity_images, len(tensors))
-    sanity = sanity_check(classifier, tensors[:sanity_n], classes[:sanity_n],
-                          originals={m: maps[:sanity_n] for m, maps in heatmaps.items()})
-    sections["explanations"] = explanation_summary(table, sanity, len(tensors))
+    sanity = sanity_check(classifier, tensors[:sanity_n], classes[:sanity_n], layers=tuple(layers["chosen"]))
+    sections["explanations"] = explanation_summary(table, sanity, len(tensors), layers)
     if spec.findings:
         sections["appraisal"]["findings"] = finding_intervals(finding_truth, finding_probabilities, thresholds, groups,
                                                               spec, args.resamples)
