@@ -183,15 +183,27 @@ class Prediction:
         return self.label, float(self.probabilities[self.index])
 
     def headline_text(self) -> str:
-        """The answer in one line: "pneumonia 93% (bacterial 70%, viral 23%)", "uncertain (likelier glioma, 55%)"."""
+        """The answer in one line, in the terms the call was made in.
+
+        Without a threshold: "glioma 93%". With one, the thresholded probability against its threshold, so that
+        a call made at 15% reads as what it is: "hemorrhage 15%, at or above its 12% threshold"; "normal:
+        hemorrhage 5%, below its 12% threshold"; a group with its members: "pneumonia 93% (bacterial 70%, viral
+        23%), at or above its 92% threshold". Inside the band: "uncertain: hemorrhage 15%, near its 12% threshold".
+        """
         name, p = self.headline()
-        if self.grouped and self.called_positive:
-            parts = ", ".join(f"{label} {self.probabilities[self.labels.index(label)]:.0%}"
-                              for label in positive_classes(str(self.positive)))
-            text = f"{name} {p:.0%} ({parts})"
-        else:
+        if self.threshold is None or self.positive is None:
             text = f"{name} {p:.0%}"
-        return f"uncertain (likelier {text})" if self.uncertain else text
+            return f"uncertain (likelier {text})" if self.uncertain else text
+        score = float(self.positive_probability)
+        group = ""
+        if self.grouped:
+            group = " (" + ", ".join(f"{label} {self.probabilities[self.labels.index(label)]:.0%}"
+                                     for label in positive_classes(str(self.positive))) + ")"
+        where = "near" if self.uncertain else "at or above" if self.called_positive else "below"
+        figure = f"{self.positive_label} {score:.0%}{group}, {where} its {self.threshold:.0%} threshold"
+        if self.uncertain:
+            return f"uncertain: {figure}"
+        return figure if self.called_positive else f"{name}: {figure}"
 
 
 def positive_mask(labels: Sequence[str], positive: str) -> np.ndarray:

@@ -26,7 +26,7 @@ def test_a_band_around_a_high_threshold_still_calls_pneumonia_at_099() -> None:
     called = Prediction(labels, sure, int(decide(sure[None], labels, positive, 0.92)[0]), 0.92, positive,
                         spec.positive_label, band=band)
     assert called.headline() == ("pneumonia", pytest.approx(0.99))
-    assert called.headline_text() == "pneumonia 99% (bacterial 69%, viral 30%)"
+    assert called.headline_text() == "pneumonia 99% (bacterial 69%, viral 30%), at or above its 92% threshold"
     low, high = band.interval(0.92)
     assert 0.80 < low < 0.92 < high < 0.97
 
@@ -37,7 +37,7 @@ def test_a_band_means_the_same_near_a_low_threshold() -> None:
     one_percent = np.array([[0.95, 0.04, 0.01]])
     assert decision_distance(one_percent, labels, "malignant", 0.11)[0] > 2.0
     prediction = Prediction(labels, one_percent[0], 0, 0.11, "malignant", "malignant", band=Band(1.0))
-    assert not prediction.uncertain and prediction.headline_text() == "normal 95%"
+    assert not prediction.uncertain and prediction.headline_text() == "normal: malignant 1%, below its 11% threshold"
 
 
 def test_the_guard_has_three_outcomes_and_names_its_thresholds() -> None:

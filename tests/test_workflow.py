@@ -59,7 +59,7 @@ def test_pdf_report_says_uncertain_inside_the_band() -> None:
     prediction = Prediction(tuple(card.labels), np.array([threshold + 0.01, 0.99 - threshold]), 0, threshold,
                             card.positive, "covid19", band=Band(0.5))
     assert prediction.uncertain
-    assert b"uncertain (likelier covid19" in pdf_text(render_pdf(ReportContent(image, image, prediction, card, "x", "covid19", "Grad-CAM")))
+    assert b"uncertain: covid19 49%, near its 48% threshold" in pdf_text(render_pdf(ReportContent(image, image, prediction, card, "x", "covid19", "Grad-CAM")))
 
 
 def test_feedback_rows_are_validated_neutralised_and_safe_under_threads(tmp_path) -> None:

@@ -142,7 +142,7 @@ def synced_viewer(left_png: bytes, right_png: bytes, size: tuple[int, int], left
     figure.update_xaxes(showticklabels=False, range=[-0.5, width - 0.5])
     figure.update_yaxes(showticklabels=False, range=[height - 0.5, -0.5], scaleanchor="x")
     figure.update_layout(xaxis2=dict(matches="x"), yaxis2=dict(matches="y", scaleanchor="x2"), dragmode="zoom",
-                         height=520, margin=dict(l=0, r=0, t=30, b=0), hovermode=False)
+                         height=430, margin=dict(l=0, r=0, t=30, b=0), hovermode=False)
     return figure
 
 
