@@ -9,7 +9,7 @@ import streamlit as st
 from ui.cache import keep_uploads_in_memory, warm_up
 from ui.navigation import navigation
 
-st.set_page_config(page_title="SecondLook", page_icon="🩻", layout="wide")
+st.set_page_config(page_title="SecondLook", page_icon=":material/radiology:", layout="wide")
 keep_uploads_in_memory()
 warm_up()
 st.navigation(navigation()).run()

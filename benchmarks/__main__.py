@@ -78,9 +78,10 @@ def bench_model(key: str, repeats: int, cam_repeats: int) -> dict:
     from core.preprocess import display_rgb
     from core.report import ReportContent, render_pdf
     from core.uncertainty import tta_spread
+    from core.decision import predict
     from core.models import load_model
-    from core.predict import predict_batch, predict_tensor, predict_uploads
-    from core.preprocess import model_input
+    from core.pipeline import analyse, predict_uploads
+    from core.preprocess import EvalPreset
     from core.tasks import get_task
 
     spec = get_task(key)
@@ -90,24 +91,25 @@ def bench_model(key: str, repeats: int, cam_repeats: int) -> dict:
     png = encode(synthetic_slice(512, seed=5))
     for kind, name, data in (("png", "scan.png", png), ("dicom", "slice.dcm", ct_dicom(512, seed=6))):
         def path(data: bytes = data, name: str = name) -> None:
-            scan = read_scan(data, name)
-            predict_tensor(classifier, model_input(scan, spec), scan)
+            analyse(classifier, data, name)
         figures[f"predict_{kind}_ms"] = p50_p95_ms(timed(path, repeats))
     scan = read_scan(png, "scan.png")
-    tensor = model_input(scan, spec)
-    index = predict_tensor(classifier, tensor, scan).index
+    prepared = EvalPreset(spec)(scan)
+    tensor = prepared.tensor
+    index = predict(classifier, tensor)[0].index
     figures["cam_ms"] = {m: p50_p95_ms(timed(lambda m=m: compute_cam(classifier, tensor, index, m), cam_repeats))
                          for m in METHODS}
     # What the page adds on request or per heatmap: ROAD faithfulness, test-time augmentation, the PDF report.
     heatmap = compute_cam(classifier, tensor, index)
     figures["road_ms"] = p50_p95_ms(timed(lambda: road_score(classifier, tensor, heatmap, index), cam_repeats, warmup=1))
-    figures["tta_ms"] = p50_p95_ms(timed(lambda: tta_spread(classifier, scan), cam_repeats, warmup=1))
+    figures["tta_ms"] = p50_p95_ms(timed(lambda: tta_spread(classifier, prepared), cam_repeats, warmup=1))
     rgb = display_rgb(scan)
-    content = ReportContent(rgb, rgb, predict_tensor(classifier, tensor, scan), classifier.card, "0" * 16, spec.labels[index],
+    content = ReportContent(rgb, rgb, predict(classifier, tensor)[0], classifier.card, "0" * 16, spec.labels[index],
                             "Grad-CAM")
     figures["report_ms"] = p50_p95_ms(timed(lambda: render_pdf(content), cam_repeats, warmup=1))
-    batch = torch.cat([model_input(read_scan(encode(synthetic_slice(512, seed=s)), "x.png"), spec) for s in range(BATCH)])
-    seconds = timed(lambda: predict_batch(classifier, batch), max(3, repeats // 5), warmup=1)
+    batch = torch.cat([EvalPreset(spec)(read_scan(encode(synthetic_slice(512, seed=s)), "x.png")).tensor
+                       for s in range(BATCH)])
+    seconds = timed(lambda: predict(classifier, batch), max(3, repeats // 5), warmup=1)
     figures["throughput_model"] = BATCH / statistics.median(seconds)
     files = [(f"scan{s}.png", encode(synthetic_slice(512, seed=s))) for s in range(4 * BATCH)]
     seconds = timed(lambda: list(predict_uploads(classifier, files)), max(2, repeats // 10), warmup=1)
@@ -173,7 +175,7 @@ def bench_cold_start(rounds: int) -> dict:
             await session.run("")
         at_home = time.monotonic()
         async with AppSession(url) as session:
-            opened = await session.run("Brain_MRI")
+            opened = await session.run("brain-mri")
             if not opened.uploader_ids:
                 raise RuntimeError("the Brain MRI page showed no uploader")
         return at_home, time.monotonic()

@@ -108,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Concurrent sessions against the app (Streamlit websocket protocol).")
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=60.0, help="how long each session keeps uploading")
-    parser.add_argument("--page", default="Brain_MRI", help="page URL path")
+    parser.add_argument("--page", default="brain-mri", help="page URL path")
     parser.add_argument("--images", type=Path, default=None, help="upload these files in turn (default: synthetic scans)")
     parser.add_argument("--url", default=None, help="an already running app (default: start one)")
     return parser

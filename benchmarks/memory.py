@@ -41,8 +41,8 @@ def main() -> int:
     from core.explain import compute_cam
     from core.imaging import read_scan
     from core.models import WEIGHTS_DIR, load_model
-    from core.predict import predict_tensor
-    from core.preprocess import model_input
+    from core.decision import predict
+    from core.preprocess import EvalPreset
     from core.tasks import TASKS
 
     data = encode(synthetic_slice(512, seed=1))
@@ -55,8 +55,8 @@ def main() -> int:
     for classifier in loaded:
         spec = classifier.spec
         scan = read_scan(data, "scan.png")
-        tensor = model_input(scan, spec)
-        prediction = predict_tensor(classifier, tensor, scan)
+        tensor = EvalPreset(spec)(scan).tensor
+        prediction = predict(classifier, tensor)[0]
         compute_cam(classifier, tensor, prediction.index)
     stages["each used once (predict + Grad-CAM)"] = rss_mb()
     print(json.dumps({"models": [c.spec.key for c in loaded], "peak_rss_mb": round(status_mb("VmHWM"), 1),

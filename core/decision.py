@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from core.calibration import output_probabilities
-from core.cards import ModelCard
+from core.cards import BandCard, FindingCard, ModelCard
 from core.guard import GuardVerdict, judge
 from core.models import Classifier
 from core.tasks import TaskSpec, positive_classes
@@ -56,11 +56,11 @@ def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
-def band_of(section: dict | None) -> Band | None:
-    """The band a card section declares (`{"scale": "log-odds", "width": w}`), or None for no band."""
-    if not section or section.get("scale") != "log-odds" or not section.get("width"):
+def band_of(section: BandCard | None) -> Band | None:
+    """The band a card declares (log-odds, width > 0), or None for no band."""
+    if section is None or section.scale != "log-odds" or not section.width > 0:
         return None
-    return Band(float(section["width"]))
+    return Band(float(section.width))
 
 
 @dataclass(frozen=True)
@@ -183,15 +183,27 @@ class Prediction:
         return self.label, float(self.probabilities[self.index])
 
     def headline_text(self) -> str:
-        """The answer in one line: "pneumonia 93% (bacterial 70%, viral 23%)", "uncertain (likelier glioma, 55%)"."""
+        """The answer in one line, in the terms the call was made in.
+
+        Without a threshold: "glioma 93%". With one, the thresholded probability against its threshold, so that
+        a call made at 15% reads as what it is: "hemorrhage 15%, at or above its 12% threshold"; "normal:
+        hemorrhage 5%, below its 12% threshold"; a group with its members: "pneumonia 93% (bacterial 70%, viral
+        23%), at or above its 92% threshold". Inside the band: "uncertain: hemorrhage 15%, near its 12% threshold".
+        """
         name, p = self.headline()
-        if self.grouped and self.called_positive:
-            parts = ", ".join(f"{label} {self.probabilities[self.labels.index(label)]:.0%}"
-                              for label in positive_classes(str(self.positive)))
-            text = f"{name} {p:.0%} ({parts})"
-        else:
+        if self.threshold is None or self.positive is None:
             text = f"{name} {p:.0%}"
-        return f"uncertain (likelier {text})" if self.uncertain else text
+            return f"uncertain (likelier {text})" if self.uncertain else text
+        score = float(self.positive_probability)
+        group = ""
+        if self.grouped:
+            group = " (" + ", ".join(f"{label} {self.probabilities[self.labels.index(label)]:.0%}"
+                                     for label in positive_classes(str(self.positive))) + ")"
+        where = "near" if self.uncertain else "at or above" if self.called_positive else "below"
+        figure = f"{self.positive_label} {score:.0%}{group}, {where} its {self.threshold:.0%} threshold"
+        if self.uncertain:
+            return f"uncertain: {figure}"
+        return figure if self.called_positive else f"{name}: {figure}"
 
 
 def positive_mask(labels: Sequence[str], positive: str) -> np.ndarray:
@@ -258,7 +270,7 @@ def decide(probabilities: np.ndarray, labels: Sequence[str], positive: str | Non
 
 def card_probabilities(logits: np.ndarray, spec: TaskSpec, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated class probabilities (N, C) and finding probabilities (N, F) of network outputs, per the card."""
-    temperatures = [float(card.findings[name]["temperature"]) for name in spec.findings]
+    temperatures = [card.findings[name].temperature for name in spec.findings]
     return output_probabilities(logits, spec.num_classes, card.temperature, temperatures)
 
 
@@ -268,12 +280,11 @@ FINDING_MIN_SENSITIVITY = 0.5
 FINDING_MIN_AUC = 0.7
 
 
-def finding_reliability(card_finding: dict) -> str | None:
+def finding_reliability(card_finding: FindingCard) -> str | None:
     """Why a finding's own validation figures say it cannot be relied on, or None."""
-    validation = card_finding.get("validation") or {}
-    sensitivity, auc = validation.get("sensitivity"), validation.get("roc_auc")
-    positives = validation.get("positives")
-    if positives is not None and positives < 3:
+    validation = card_finding.validation
+    sensitivity, auc, positives = validation.sensitivity, validation.roc_auc, validation.positives
+    if positives < 3:
         return f"only {positives} positive validation slices: its threshold could not be set"
     if auc is None or auc < FINDING_MIN_AUC:
         return f"validation ROC-AUC {'n/a' if auc is None else f'{auc:.2f}'} is below {FINDING_MIN_AUC:.2f}"
@@ -285,12 +296,11 @@ def finding_reliability(card_finding: dict) -> str | None:
 
 def _findings(spec: TaskSpec, card: ModelCard, row: np.ndarray) -> tuple[Finding, ...]:
     out = []
+    bands = card.indeterminate.findings if card.indeterminate is not None else {}
     for j, name in enumerate(spec.findings):
         entry = card.findings[name]
-        test = entry.get("test") or {}
-        out.append(Finding(name, spec.output_title(name), float(row[j]), float(entry["threshold"]),
-                           test.get("sensitivity"), test.get("specificity"), finding_reliability(entry),
-                           band_of(entry.get("indeterminate"))))
+        out.append(Finding(name, spec.output_title(name), float(row[j]), entry.threshold, entry.test.sensitivity,
+                           entry.test.specificity, finding_reliability(entry), band_of(bands.get(name))))
     return tuple(out)
 
 
@@ -317,7 +327,7 @@ def predict(classifier: Classifier, batch: torch.Tensor, tag_reasons: Sequence[s
     decided = decide(probs, spec.labels, card.positive, card.threshold)
     belonging = classifier.guard.belonging(outputs.features) if classifier.guard is not None else None
     tag_reasons = list(tag_reasons) if tag_reasons is not None else [None] * len(probs)
-    band = band_of(card.indeterminate)
+    band = band_of(card.indeterminate.classes if card.indeterminate is not None else None)
     predictions = []
     for row, tag_reason in enumerate(tag_reasons):
         verdict = judge(classifier.guard, None if belonging is None else float(belonging[row]), spec, tag_reason)

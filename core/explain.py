@@ -48,8 +48,74 @@ def _cam_class(method: str) -> type:
     return classes[method]
 
 
-def compute_cam(classifier: Classifier, tensor: torch.Tensor, class_index: int, method: str = DEFAULT_METHOD) -> np.ndarray:
-    """Heatmap of the evidence for one class.
+# Methods whose map does not depend on the class asked for (EigenCAM: the first principal component
+# of the layer's activations): the page says so instead of naming a class.
+CLASS_INDEPENDENT: frozenset[str] = frozenset({"EigenCAM"})
+
+
+def cam_layers(classifier: Classifier) -> tuple[str, ...]:
+    """The layers a model's heatmaps are computed on: the card's measured choice (`explanations.cam_layers`,
+    `core.lab.appraisal`), else the backbone's finer block fused with the registry's CAM layer (14 x 14: the
+    last block alone, 7 x 7, gave empty Grad-CAM maps for a third of head CT outputs), else the CAM layer."""
+    explanations = classifier.card.explanations
+    chosen = explanations.cam_layers.get("chosen") if explanations is not None else None
+    if chosen:
+        return tuple(chosen)
+    fine = classifier.spec.backbone.fine_cam_layer
+    return (fine, classifier.spec.cam_layer) if fine else (classifier.spec.cam_layer,)
+
+
+def body_mask(grey: np.ndarray) -> np.ndarray:
+    """Where the body (head, chest) is in a model input: float32 (S, S), 1 inside, 0 outside, soft at the edge.
+
+    The outside of a scan is near-black air, the table, corners and the frame. The mask is the convex
+    hull of the large, bulky connected regions above a low threshold (a third of Otsu's; at least a
+    tenth of the largest, once speckle is closed and thin bridges are opened; long thin ones such as a
+    CT table are not the body), dilated by 1.5% of the side so skin and skull stay in, and blurred.
+    Where that region covers less than a tenth of the image (no clear body), nothing is masked.
+
+    Args:
+        grey: float (S, S) in [0, 1]: the model input's grey image.
+    """
+    size = grey.shape[0]
+    image = cv2.GaussianBlur(np.round(np.clip(grey, 0, 1) * 255).astype(np.uint8), (5, 5), 0)
+    otsu, _ = cv2.threshold(image, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    foreground = (image > max(otsu / 3.0, 8.0)).astype(np.uint8)
+    # A closing joins a speckled body (a noisy soft-tissue window); an opening a few percent of the side wide
+    # then cuts thin structures and bridges (a CT table, a cable, text) off it.
+    width = 2 * max(1, round(0.015 * size)) + 1
+    foreground = cv2.morphologyEx(foreground, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
+    foreground = cv2.morphologyEx(foreground, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width)))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+    if count <= 1:
+        return np.ones(grey.shape, dtype=np.float32)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    # mean thickness along the longer side: a table or a line is long and thin, a body is not
+    thickness = areas / np.maximum(stats[1:, cv2.CC_STAT_WIDTH], stats[1:, cv2.CC_STAT_HEIGHT])
+    bulky = thickness >= 0.05 * size
+    if not bulky.any():
+        return np.ones(grey.shape, dtype=np.float32)
+    kept = 1 + np.flatnonzero(bulky & (areas >= 0.1 * areas[bulky].max()))  # the body, in pieces where it breaks up
+    # Its convex hull: lungs and ventricles lie inside the body even where they are darker than the
+    # threshold, and a thin chest wall that breaks the ring must not let the lungs out.
+    points = cv2.findNonZero(np.isin(labels, kept).astype(np.uint8))
+    body = np.zeros(grey.shape, dtype=np.uint8)
+    cv2.fillConvexPoly(body, cv2.convexHull(points), 1)
+    if body.mean() < 0.1:
+        return np.ones(grey.shape, dtype=np.float32)
+    grow = max(1, round(0.015 * size))
+    body = cv2.dilate(body, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+    return np.clip(cv2.GaussianBlur(body.astype(np.float32), (0, 0), grow / 2.0), 0.0, 1.0)
+
+
+def input_grey(tensor: torch.Tensor, spec: TaskSpec) -> np.ndarray:
+    """The grey image (S, S) in [0, 1] a normalised model input (1, 3, S, S) was made from."""
+    return np.clip(tensor[0, 0].detach().cpu().numpy().astype(np.float32) * spec.std[0] + spec.mean[0], 0.0, 1.0)
+
+
+def compute_cam(classifier: Classifier, tensor: torch.Tensor, class_index: int, method: str = DEFAULT_METHOD,
+                layers: tuple[str, ...] | None = None, suppress_background: bool = True) -> np.ndarray:
+    """Heatmap of the evidence for one output.
 
     Args:
         classifier: A loaded model.
@@ -57,6 +123,10 @@ def compute_cam(classifier: Classifier, tensor: torch.Tensor, class_index: int, 
         class_index: Output to explain: a class, or a finding of a multi-label model
             (0 <= index < `spec.num_outputs`; findings follow the classes).
         method: One of `METHODS`.
+        layers: Layers to compute it on (several: each map normalised, then averaged, as pytorch-grad-cam
+            does); default `cam_layers(classifier)`.
+        suppress_background: Multiply by `body_mask` of the input (air, table and corners outside the
+            body carry no finding), then renormalise.
 
     Returns:
         float32 (S, S) in [0, 1], normalised per image (1 = the strongest evidence in this
@@ -77,12 +147,28 @@ def compute_cam(classifier: Classifier, tensor: torch.Tensor, class_index: int, 
     if tuple(tensor.shape) != (1, 3, size, size):
         raise ValueError(f"tensor must be (1, 3, {size}, {size}), got {tuple(tensor.shape)}")
     cam_class = _cam_class(method)
+    names = layers or cam_layers(classifier)
     with classifier.runner.gradients() as module:
-        layer = resolve_layer(module, classifier.spec.cam_layer)
-        with cam_class(model=module, target_layers=[layer]) as cam:
+        targets = [resolve_layer(module, name) for name in names]
+        with cam_class(model=module, target_layers=targets) as cam:
             heatmap = cam(input_tensor=tensor.clone(), targets=[ClassifierOutputTarget(int(class_index))])
-    heatmap = np.nan_to_num(np.asarray(heatmap[0], dtype=np.float32), nan=0.0)
-    return np.clip(heatmap, 0.0, 1.0)
+    heatmap = np.clip(np.nan_to_num(np.asarray(heatmap[0], dtype=np.float32), nan=0.0), 0.0, 1.0)
+    if suppress_background:
+        heatmap = suppress(heatmap, body_mask(input_grey(tensor, classifier.spec)))
+    return heatmap.astype(np.float32)
+
+
+def suppress(heatmap: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A heatmap times a body mask, renormalised to a maximum of 1 (all zeros stay zeros)."""
+    heatmap = np.asarray(heatmap, dtype=np.float32) * mask
+    peak = float(heatmap.max())
+    return heatmap / peak if peak > 0 else heatmap
+
+
+def mass_inside(heatmap: np.ndarray, mask: np.ndarray) -> float | None:
+    """Share of a heatmap's mass inside a mask (> 0.5); None for an empty map."""
+    total = float(np.sum(heatmap))
+    return float(np.sum(heatmap * (mask > 0.5)) / total) if total > 0 else None
 
 
 def overlay(rgb: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4, colormap: str = "jet", threshold: float = 0.0) -> np.ndarray:

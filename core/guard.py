@@ -27,7 +27,6 @@ from core.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
 
-VAL_QUANTILE = 0.01
 
 
 @dataclass(frozen=True)

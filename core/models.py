@@ -474,19 +474,25 @@ def card_path(spec: TaskSpec, weights: Path | None = None) -> Path:
     return Path(weights).with_suffix(".json") if weights is not None else WEIGHTS_DIR / f"{spec.key}.json"
 
 
-def load_model(spec: TaskSpec, weights: Path | None = None, card_path: Path | None = None) -> Classifier:
+def load_model(spec: TaskSpec, weights: Path | None = None, card_path: Path | None = None,
+               require_guard: bool = True) -> Classifier:
     """Load a model with its card, refusing any mismatch with the registry.
+
+    Integrity does not depend on what the card says about itself: the weights load only when the
+    card carries their sha256 and it matches, and a model the app serves (`require_guard`) loads
+    only with its wrong-input guard (an emptied guard section would otherwise turn it off silently).
 
     Args:
         spec: The registry entry.
         weights: Weights file; default `weights/<key>.safetensors`.
         card_path: Card file; default the weights path with a .json suffix.
+        require_guard: Refuse a card without a guard (False only for candidates being measured in the lab).
 
     Returns:
         A `Classifier` in eval mode.
 
     Raises:
-        WeightsError: Missing file, card/registry mismatch, or sha256 mismatch.
+        WeightsError: Missing file, card/registry mismatch, missing or wrong sha256, missing or altered guard.
     """
     weights = Path(weights) if weights is not None else WEIGHTS_DIR / f"{spec.key}.safetensors"
     card_path = Path(card_path) if card_path is not None else weights.with_suffix(".json")
@@ -499,10 +505,15 @@ def load_model(spec: TaskSpec, weights: Path | None = None, card_path: Path | No
     if not weights.is_file():
         raise WeightsError(f"weights file not found: {weights}")
     digest = sha256_file(weights)
-    if card.sha256 and digest != card.sha256:
+    if not card.sha256:
+        raise WeightsError(f"card {card_path.name} does not carry the sha256 of its weights; it cannot be checked")
+    if digest != card.sha256:
         raise WeightsError(f"{weights.name} sha256 {digest[:12]}... does not match its card ({card.sha256[:12]}...)")
+    guard = load_guard(card, weights.parent)
+    if guard is None and require_guard:
+        raise WeightsError(f"card {card_path.name} has no wrong-input guard; the app does not run a model without one")
     module = load_module(spec, weights, arch=card.arch)
-    return Classifier(spec=spec, card=card, module=module, guard=load_guard(card, weights.parent))
+    return Classifier(spec=spec, card=card, module=module, guard=guard)
 
 
 def recipe_spec(spec: TaskSpec, arch: str | None = None, preprocessing: tuple[str, ...] | None = None) -> TaskSpec:
@@ -540,7 +551,7 @@ def load_candidate(spec: TaskSpec, weights: Path | None = None) -> Classifier:
         candidate = recipe_spec(spec, card.arch, tuple(card.preprocessing))
     except ValueError as exc:
         raise WeightsError(f"card {path.name}: {exc}") from None
-    return load_model(candidate, weights)
+    return load_model(candidate, weights, require_guard=False)  # a candidate is measured before its guard is fitted
 
 
 def load_guard(card: ModelCard, folder: Path) -> GuardStats | None:
@@ -549,12 +560,16 @@ def load_guard(card: ModelCard, folder: Path) -> GuardStats | None:
     Raises:
         WeightsError: If the named file is missing or altered.
     """
-    name, digest = card.guard.get("file"), card.guard.get("sha256")
-    if not name:
+    if card.guard is None:
         return None
+    name, digest = card.guard.file, card.guard.sha256
     from safetensors.torch import load_file
 
     path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise WeightsError(f"the guard file a card names must lie beside its weights, not {name!r}")
+    if not digest:
+        raise WeightsError(f"the card does not carry the sha256 of its guard file {name}")
     if not path.is_file():
         raise WeightsError(f"guard file named by the card not found: {path}")
     if sha256_file(path) != digest:

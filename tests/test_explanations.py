@@ -139,14 +139,15 @@ def test_bootstrap_intervals_resample_groups_and_bracket_the_estimate() -> None:
     preds = probs.argmax(axis=1)
     singletons = bootstrap_intervals(targets, probs, preds, np.arange(200), spec, None, resamples=300)
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
-        v = singletons[name]
+        v = singletons["metrics"][name]
         assert v["low"] <= v["estimate"] <= v["high"] and v["high"] - v["low"] < 0.3
     # The same images in 10 big groups: fewer independent units, a wider interval.
     grouped = bootstrap_intervals(targets, probs, preds, np.arange(200) % 10, spec, None, resamples=300)
     assert grouped["groups"] == 10
-    assert (grouped["accuracy"]["high"] - grouped["accuracy"]["low"]) >= (singletons["accuracy"]["high"] - singletons["accuracy"]["low"]) * 0.5
+    width = lambda found: found["metrics"]["accuracy"]["high"] - found["metrics"]["accuracy"]["low"]  # noqa: E731
+    assert width(grouped) >= width(singletons) * 0.5
     with_threshold = bootstrap_intervals(targets, probs, preds, np.arange(200), spec, "covid19", resamples=50)
-    assert {"sensitivity", "specificity"} <= set(with_threshold)
+    assert {"sensitivity", "specificity"} <= set(with_threshold["metrics"])
 
 
 def test_curves_and_band_from_scores() -> None:
@@ -177,18 +178,18 @@ def test_curves_and_band_from_scores() -> None:
 @pytest.mark.parametrize("key", sorted(TASKS))
 def test_bundled_cards_carry_intervals_curves_band_and_a_measured_default(key: str) -> None:
     card = read_card(WEIGHTS_DIR / f"{key}.json")
-    intervals = card.metrics["intervals"]
+    intervals = card.appraisal.intervals.metrics
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
         v = intervals[name]
-        assert v["low"] <= v["estimate"] <= v["high"], (key, name, v)
-        assert v["estimate"] == pytest.approx(card.metrics[name])  # same split, same figures as the card
-    assert card.metrics["curves"]["roc"] and sum(card.metrics["curves"]["reliability"]["count"]) == card.metrics["n"]
-    band = card.indeterminate
-    assert band["scale"] == "log-odds" and band["chosen_on"] == "validation" and band["width"] >= 0
-    assert 0 <= band["test"]["share_uncertain"] <= band["validation"]["share_uncertain"] + 0.15
-    methods = card.explanations["faithfulness"]["methods"]
+        assert v.low <= v.estimate <= v.high, (key, name, v)
+        assert v.estimate == pytest.approx(getattr(card.metrics, name))  # same split, same figures as the card
+    assert card.appraisal.roc and sum(card.appraisal.reliability.count) == card.metrics.n
+    band = card.indeterminate.classes
+    assert band.scale == "log-odds" and band.chosen_on == "validation" and band.width >= 0
+    assert 0 <= band.test.share_uncertain <= band.validation.share_uncertain + 0.15
+    methods = card.explanations.faithfulness.methods
     assert set(methods) == set(METHODS)
-    assert card.explanations["default_method"] == max(methods, key=lambda m: methods[m]["mean"])
-    sanity = card.explanations["sanity_check"]
-    assert sanity["stages"][0] == "classifier" and set(sanity["methods"]) == set(METHODS)
-    json.dumps(card.explanations)  # plain JSON
+    assert card.explanations.default_method == max(methods, key=lambda m: methods[m].mean)
+    sanity = card.explanations.sanity_check
+    assert sanity.stages[0] == "classifier" and set(sanity.methods) == set(METHODS)
+    json.dumps(card.explanations.to_dict())  # plain JSON

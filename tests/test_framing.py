@@ -70,8 +70,9 @@ def test_update_card_replaces_one_field_and_refuses_unknown_ones(tmp_path) -> No
     path = tmp_path / "brain_mri.json"
     shutil.copy(WEIGHTS_DIR / "brain_mri.json", path)
     before = read_card(path)
-    update_card(path, acquisition={"frame_features": {}})
+    update_card(path, "acquisition: test", acquisition={"frame_features": {}, "reframed": {}, "method": "test"})
     after = read_card(path)
-    assert after.acquisition == {"frame_features": {}} and after.metrics == before.metrics
+    assert after.acquisition.to_dict() == {"frame_features": {}, "reframed": {}, "method": "test", "command": ""}
+    assert after.metrics == before.metrics and after.changelog[-1].change == "acquisition: test"
     with pytest.raises(ValueError, match="not a model card field"):
-        update_card(path, nonsense=1)
+        update_card(path, "nonsense", nonsense=1)

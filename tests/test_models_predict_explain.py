@@ -58,10 +58,10 @@ def test_bundled_weights_load_strictly_and_match_their_card(spec, classifiers) -
     card = classifier.card
     assert card.labels == list(spec.labels) and card.arch == spec.arch and card.input_size == spec.input_size
     assert card.temperature > 0
-    assert card.metrics["split"] == "test" and card.metrics["n"] > 0
-    assert card.split["near_duplicate_groups_across_splits"] == 0
-    assert card.split.get("patients_across_splits", 0) == 0
-    assert card.training["command"].startswith("python -m core.train")
+    assert card.metrics.split == "test" and card.metrics.n > 0
+    assert card.split.near_duplicate_groups_across_splits == 0
+    assert not card.split.patients_across_splits
+    assert card.training.command.startswith("python -m core.train")
     assert (spec.positive is None) == (card.threshold is None)
 
 

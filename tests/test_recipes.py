@@ -171,7 +171,7 @@ def test_a_candidate_recipe_is_recorded_refused_by_the_registry_and_loads_as_a_c
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     scored = json.loads(result.stdout)
-    assert scored["n"] == card.metrics["n"] and scored["accuracy"] == pytest.approx(card.metrics["accuracy"])
+    assert scored["n"] == card.metrics.n and scored["accuracy"] == pytest.approx(card.metrics.accuracy)
 
 
 def test_a_card_naming_an_unknown_step_is_refused_with_its_name(candidate: Path, tmp_path: Path) -> None:

@@ -89,6 +89,6 @@ def test_audit_exposes_a_model_that_reads_a_corner_marker() -> None:
 def test_bundled_chest_cards_carry_the_audit(key: str) -> None:
     card = read_card(WEIGHTS_DIR / f"{key}.json")
     section = card.shortcuts
-    assert set(section["scores"]) == {"original", "lungs_blanked", "lungs_only"}
-    assert section["scores"]["original"]["accuracy"] == pytest.approx(card.metrics["accuracy"])  # same split, same input
-    assert 0.0 <= section["cam"]["mass_in_lungs_mean"] <= 1.0
+    assert set(section.scores) == {"original", "lungs_blanked", "lungs_only"}
+    assert section.scores["original"]["accuracy"] == pytest.approx(card.metrics.accuracy)  # same split, same input
+    assert 0.0 <= section.cam["mass_in_lungs_mean"] <= 1.0

@@ -408,7 +408,7 @@ def _patient_folder(root: Path) -> Path:
 def test_evaluate_by_patient_scores_the_apps_study_call(head_ct, tmp_path: Path, capsys) -> None:
     from core.lab.data import read_records
     from core.lab.evaluate import main, score_records
-    from core.lab.study import group_patients
+    from core.lab.patients import group_patients
 
     folder = _patient_folder(tmp_path / "patients")
     assert main(["--task", "head_ct", "--data", str(folder), "--by", "patient", "--json"]) == 0
@@ -458,7 +458,7 @@ def test_threshold_keeps_the_sensitivity_and_sits_between_scores() -> None:
 
 
 def test_patient_figures_have_intervals_around_the_estimate() -> None:
-    from core.lab.study import patient_figures
+    from core.lab.patients import patient_figures
 
     rng = np.random.default_rng(0)
     truth = np.array([1] * 10 + [0] * 10, bool)
@@ -475,7 +475,8 @@ def test_patient_figures_have_intervals_around_the_estimate() -> None:
 
 
 def test_the_aggregation_is_chosen_on_validation_patients() -> None:
-    from core.lab.study import Patient, choose_aggregation
+    from core.lab.patients import Patient
+    from core.lab.study import choose_aggregation
 
     def patient(slices: list[float], positive: bool) -> Patient:
         p = np.array(slices)
@@ -519,7 +520,7 @@ def test_head_ct_patient_as_a_zip_gets_the_labs_study_call(head_ct, tmp_path: Pa
 
     from core.lab.data import read_records
     from core.lab.evaluate import score_records
-    from core.lab.study import group_patients
+    from core.lab.patients import group_patients
     from core.predict import main
 
     folder = data_folder("head_ct")

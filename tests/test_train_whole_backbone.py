@@ -49,7 +49,7 @@ def test_every_model_has_a_recipe_that_keeps_its_bundled_split() -> None:
         assert recipe.low_res is not None and 0 < recipe.full_res_epochs < recipe.epochs
         card_path = WEIGHTS_DIR / f"{key}.json"
         if card_path.is_file():  # a new model must be compared with the bundled one on the same split
-            config = read_card(card_path).training["config"]
+            config = read_card(card_path).training.config
             assert (config["seed"], config["val_frac"], config["test_frac"]) == (0, recipe.val_frac, recipe.test_frac), key
             assert config.get("stratify", "majority") == recipe.stratify, key
 
@@ -256,15 +256,15 @@ def test_a_resumed_run_ends_where_an_unbroken_one_does(folder: Path, folded_file
     assert whole.sha256 == split.sha256  # the same weights, bit for bit
     assert whole.metrics == split.metrics and whole.temperature == split.temperature
     strip = lambda history: [{k: v for k, v in e.items() if k not in TIMING} for e in history]  # noqa: E731
-    assert strip(whole.training["history"]) == strip(split.training["history"])
-    assert [e["side"] for e in whole.training["history"]] == [48, 48, 48, 224]
-    assert [e["stage"] for e in whole.training["history"]] == ["head", "finetune", "finetune", "finetune"]
-    assert whole.training["sessions"] == 1 and split.training["sessions"] == 2
-    assert whole.training["batchnorm_recalibrated"] == 52 and whole.training["recipe"] == "ct_cancer"
-    assert set(whole.training["images_per_s"]) == {"head 48 px", "finetune 48 px", "finetune 224 px"}
-    assert whole.training["config"]["mixup"] == 0.4 and whole.training["config"]["min_sensitivity"] == 0.98
+    assert strip(whole.training.history) == strip(split.training.history)
+    assert [e["side"] for e in whole.training.history] == [48, 48, 48, 224]
+    assert [e["stage"] for e in whole.training.history] == ["head", "finetune", "finetune", "finetune"]
+    assert whole.training.sessions == 1 and split.training.sessions == 2
+    assert whole.training.batchnorm_recalibrated == 52 and whole.training.recipe == "ct_cancer"
+    assert set(whole.training.images_per_s) == {"head 48 px", "finetune 48 px", "finetune 224 px"}
+    assert whole.training.config["mixup"] == 0.4 and whole.training.config["min_sensitivity"] == 0.98
     assert "sensitivity >= 0.98" in whole.threshold_rule  # the recipe's threshold rule
-    assert whole.training["hardware"]["cpu_cores"] >= 1
+    assert whole.training.hardware["cpu_cores"] >= 1
     logged = caplog.text
     assert "resumed from" in logged and "time left" in logged and "train_images_per_s" in logged
     # resuming a finished run trains nothing more and writes the same files again

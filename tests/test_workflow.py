@@ -59,7 +59,7 @@ def test_pdf_report_says_uncertain_inside_the_band() -> None:
     prediction = Prediction(tuple(card.labels), np.array([threshold + 0.01, 0.99 - threshold]), 0, threshold,
                             card.positive, "covid19", band=Band(0.5))
     assert prediction.uncertain
-    assert b"uncertain (likelier covid19" in pdf_text(render_pdf(ReportContent(image, image, prediction, card, "x", "covid19", "Grad-CAM")))
+    assert b"uncertain: covid19 49%, near its 48% threshold" in pdf_text(render_pdf(ReportContent(image, image, prediction, card, "x", "covid19", "Grad-CAM")))
 
 
 def test_feedback_rows_are_validated_neutralised_and_safe_under_threads(tmp_path) -> None:
@@ -129,10 +129,10 @@ def test_model_cards_page_renders_every_card_with_its_plots(key: str) -> None:
     card = read_card(WEIGHTS_DIR / f"{key}.json")
     body = page_texts(at)
     assert card.name in at.header[0].value and card.sha256 in body
-    assert card.data["trained_on"] in body and "Known limitations" in [s.value for s in at.subheader]
+    assert card.data.trained_on in body and "Known limitations" in [s.value for s in at.subheader]
     assert len(at.get("plotly_chart")) == 3  # ROC, confusion matrix, reliability diagram
     assert "95% interval" in at.table[1].value.columns if hasattr(at.table[1].value, "columns") else True
-    assert f"The app's default method is **{card.explanations['default_method']}**" in body
+    assert f"The app's default method is **{card.explanations.default_method}**" in body
     assert "Model-randomisation sanity check" in body
     assert f"**Image preprocessing** (the same in training and in the app, before resizing to {card.input_size} px): " \
            f"{describe_preprocessing(card.preprocessing)}." in body

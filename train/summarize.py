@@ -1,4 +1,4 @@
-"""Print the bundled models' held-out figures as Markdown tables, read from their cards.
+"""Print the bundled models' held-out figures as Markdown tables, read from their cards (`core.cards.read_card`).
 
 Usage: python train/summarize.py [WEIGHTS_DIR]
 
@@ -8,118 +8,118 @@ recipes kept in train/preprocessing/ and train/arch/ (their cards).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from core.cards import Intervals, ModelCard, read_card  # noqa: E402
 
 
 def fmt(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else "n/a"
 
 
+def cards(folder: Path) -> list[ModelCard]:
+    return [read_card(path) for path in sorted(folder.glob("*.json"))]
+
+
+def interval(intervals: Intervals | None, name: str, fallback: float | None = None) -> str:
+    v = intervals.metrics.get(name) if intervals is not None else None
+    if v is None or v.low is None:
+        return fmt(fallback)
+    return f"{v.estimate:.3f} [{v.low:.3f}, {v.high:.3f}]"
+
+
 def main(folder: Path) -> None:
     print("| key | test n | accuracy | balanced acc. | macro-F1 | ROC-AUC | ECE | threshold (sens / spec on test) | temperature | epochs | train time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for path in sorted(folder.glob("*.json")):
-        card = json.loads(path.read_text())
-        m = card["metrics"]
+    for card in cards(folder):
+        m, t = card.test_figures, card.training
         threshold = "argmax"
-        if card.get("threshold") is not None:
-            at = m.get("at_threshold", {})
-            threshold = f"{card['positive']} >= {card['threshold']:.3f} ({fmt(at.get('sensitivity'))} / {fmt(at.get('specificity'))})"
-        t = card["training"]
-        print(f"| {card['key']} | {m['n']} | {fmt(m['accuracy'])} | {fmt(m['balanced_accuracy'])} | {fmt(m['macro_f1'])} | "
-              f"{fmt(m['roc_auc'])} | {fmt(m['ece'])} | {threshold} | {card['temperature']:.2f} | "
-              f"{t['epochs_run']} (best {t['best_epoch']}) | {t['seconds'] / 60:.0f} min |")
+        if card.threshold is not None:
+            at = m.at_threshold
+            threshold = (f"{card.positive} >= {card.threshold:.3f} ({fmt(at and at.sensitivity)} / "
+                         f"{fmt(at and at.specificity)})")
+        print(f"| {card.key} | {m.n} | {fmt(m.accuracy)} | {fmt(m.balanced_accuracy)} | {fmt(m.macro_f1)} | "
+              f"{fmt(m.roc_auc)} | {fmt(m.ece)} | {threshold} | {card.temperature:.2f} | "
+              f"{t.epochs_run} (best {t.best_epoch}) | {t.seconds / 60:.0f} min |")
 
 
 def guard_table(folder: Path) -> None:
     """Flag rates of each model's wrong-input guard (share of images flagged, with n)."""
     print("| key | own test images (should be low) | other tasks' test images | photos | documents / screenshots |")
     print("|---|---|---|---|---|")
-    for path in sorted(folder.glob("*.json")):
-        card = json.loads(path.read_text())
-        measured = card.get("guard", {}).get("measured")
-        if not measured:
+    for card in cards(folder):
+        if card.guard is None:
             continue
+        measured = card.guard.measured
 
         def cell(part: dict) -> str:
             return f"{part['flagged']:.1%} of {part['n']}"
 
-        print(f"| {card['key']} | {cell(measured['right_task_test'])} | {cell(measured['other_tasks_all'])} | "
+        print(f"| {card.key} | {cell(measured['right_task_test'])} | {cell(measured['other_tasks_all'])} | "
               f"{cell(measured['photos_held_out'])} | {cell(measured['documents_screenshots_held_out'])} |")
 
 
 def interval_table(folder: Path) -> None:
     """95% bootstrap intervals and the indeterminate band, from each card's appraisal."""
     print("| key | accuracy [95% CI] | macro-F1 [95% CI] | ROC-AUC [95% CI] | sensitivity / specificity [95% CI] "
-          "| uncertain band | test images uncertain | accuracy outside / inside |")
+          "| uncertain band (chosen on validation) | test images uncertain | accuracy outside / inside |")
     print("|---|---|---|---|---|---|---|---|")
-    for path in sorted(folder.glob("*.json")):
-        card = json.loads(path.read_text())
-        ci, band = card["metrics"].get("intervals"), card.get("indeterminate")
-        if not ci or not band:
+    for card in cards(folder):
+        if card.appraisal is None or card.indeterminate is None:
             continue
-
-        def cell(name: str) -> str:
-            v = ci.get(name)
-            return f"{v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" if v else "-"
-
-        test = band["test"]
-        sens = f"{cell('sensitivity')} / {cell('specificity')}" if "sensitivity" in ci else "-"
-        print(f"| {card['key']} | {cell('accuracy')} | {cell('macro_f1')} | {cell('roc_auc')} | {sens} | {band['rule'].replace('|', chr(92) + '|')} | "
-              f"{test['share_uncertain']:.1%} | {fmt(test['accuracy_outside'])} / {fmt(test['accuracy_inside'])} |")
+        ci, band = card.appraisal.intervals, card.indeterminate.classes
+        sens = (f"{interval(ci, 'sensitivity')} / {interval(ci, 'specificity')}" if "sensitivity" in ci.metrics
+                else "-")
+        print(f"| {card.key} | {interval(ci, 'accuracy')} | {interval(ci, 'macro_f1')} | {interval(ci, 'roc_auc')} | "
+              f"{sens} | {band.rule.replace('|', chr(92) + '|')} | {band.test.share_uncertain:.1%} | "
+              f"{fmt(band.test.accuracy_outside)} / {fmt(band.test.accuracy_inside)} |")
 
 
 def explanation_table(folder: Path) -> None:
     """Mean ROAD faithfulness per CAM method, the chosen default, and the randomisation check."""
-    cards = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    cards = [c for c in cards if c.get("explanations")]
-    if not cards:
+    explained = [c for c in cards(folder) if c.explanations is not None]
+    if not explained:
         return
-    methods = list(cards[0]["explanations"]["faithfulness"]["methods"])
+    methods = list(explained[0].explanations.faithfulness.methods)
     print("| key | images | " + " | ".join(methods) + " | default |")
     print("|---|---|" + "---|" * len(methods) + "---|")
-    for card in cards:
-        e = card["explanations"]
-        table = e["faithfulness"]["methods"]
-        print(f"| {card['key']} | {e['faithfulness']['images']} | "
-              + " | ".join(f"{table[m]['mean']:+.3f} ({table[m]['share_positive']:.0%})" for m in methods)
-              + f" | {e['default_method']} |")
+    for card in explained:
+        e = card.explanations
+        table = e.faithfulness.methods
+        print(f"| {card.key} | {e.faithfulness.images} | "
+              + " | ".join(f"{table[m].mean:+.3f} ({table[m].share_positive:.0%})" if m in table else "-"
+                           for m in methods)
+              + f" | {e.default_method} |")
     print()
-    stages = cards[0]["explanations"]["sanity_check"]["stages"]
+    stages = explained[0].explanations.sanity_check.stages
     print("Randomisation check, mean |Spearman| with the trained model's map after randomising (cumulatively) "
           + ", ".join(stages) + ":")
     print()
     print("| key | " + " | ".join(methods) + " |")
     print("|---|" + "---|" * len(methods))
-    for card in cards:
-        s = card["explanations"]["sanity_check"]["methods"]
-        print(f"| {card['key']} | " + " | ".join(" -> ".join(f"{v:.2f}" for v in s[m]) for m in methods) + " |")
+    for card in explained:
+        s = card.explanations.sanity_check.methods
+        print(f"| {card.key} | " + " | ".join(" -> ".join(f"{v:.2f}" for v in s.get(m, [])) for m in methods) + " |")
 
 
 def findings_table(folder: Path) -> None:
     """Per finding of each multi-label model: held-out positives, ROC-AUC and sens / spec at its threshold, 95% CI."""
-    cards = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    cards = [c for c in cards if c.get("findings")]
-    if not cards:
+    with_findings = [c for c in cards(folder) if c.findings]
+    if not with_findings:
         return
     print("| key | finding | test positive slices | ROC-AUC [95% CI] | average precision | threshold "
           "| sensitivity [95% CI] | specificity [95% CI] |")
     print("|---|---|---|---|---|---|---|---|")
-    for card in cards:
-        for finding in card["findings"].values():
-            test, ci = finding["test"], finding["test"].get("intervals", {})
-
-            def cell(name: str) -> str:
-                v = ci.get(name)
-                if not v or v.get("low") is None:
-                    return fmt(test.get(name))
-                return f"{v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
-
-            print(f"| {card['key']} | {finding['title']} | {test['positives']} | {cell('roc_auc')} | "
-                  f"{fmt(test['average_precision'])} | {finding['threshold']:.3f} | {cell('sensitivity')} | "
-                  f"{cell('specificity')} |")
+    for card in with_findings:
+        for name, finding in card.findings.items():
+            test = finding.test
+            ci = card.appraisal.findings.get(name) if card.appraisal is not None else None
+            print(f"| {card.key} | {finding.title} | {test.positives} | {interval(ci, 'roc_auc', test.roc_auc)} | "
+                  f"{fmt(test.average_precision)} | {finding.threshold:.3f} | "
+                  f"{interval(ci, 'sensitivity', test.sensitivity)} | {interval(ci, 'specificity', test.specificity)} |")
 
 
 def shortcut_table(paths: list[Path]) -> None:
@@ -128,21 +128,21 @@ def shortcut_table(paths: list[Path]) -> None:
           "only lungs kept | Grad-CAM mass in the lung fields |")
     print("|---|---|---|---|---|---|---|---|")
     for path in paths:
-        card = json.loads(path.read_text())
-        audit = card.get("shortcuts") or {}
-        if not audit:
+        card = read_card(path)
+        audit = card.shortcuts
+        if audit is None:
             continue
-        scores, at = audit["scores"], card["metrics"].get("at_threshold", {})
+        scores, at = audit.scores, card.test_figures.at_threshold
         recipe = "bundled" if path.parent.name == "weights" else f"{path.parent.name}/{path.name}"
 
         def pair(name: str) -> str:
             return f"{fmt(scores[name]['accuracy'])} / {fmt(scores[name]['roc_auc'])}"
 
-        steps = ", ".join(card.get("preprocessing", [])) or "none"
-        print(f"| {card['key']} | {card['arch']}, {recipe} | {steps} | {pair('original')} | "
-              f"{fmt(at.get('sensitivity'))} / {fmt(at.get('specificity'))} | {pair('lungs_blanked')} | "
+        steps = ", ".join(card.preprocessing) or "none"
+        print(f"| {card.key} | {card.arch}, {recipe} | {steps} | {pair('original')} | "
+              f"{fmt(at and at.sensitivity)} / {fmt(at and at.specificity)} | {pair('lungs_blanked')} | "
               f"{pair('lungs_only')} | "
-              f"{audit['cam']['mass_in_lungs_mean']:.1%} (fields: {audit['lung_area_share']:.1%} of the input) |")
+              f"{audit.cam['mass_in_lungs_mean']:.1%} (fields: {audit.lung_area_share:.1%} of the input) |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / "pages" / "home.py"
 CARDS = ROOT / "pages" / "model_cards.py"
 BATCH = ROOT / "pages" / "batch.py"
-ICONS = {"Brain MRI": "🧠", "Chest X-ray": "🫁", "Lung CT": "🫁", "Head CT": "🧠"}
+ICONS = {"Brain MRI": ":material/neurology:", "Chest X-ray": ":material/pulmonology:", "Lung CT": ":material/pulmonology:",
+         "Head CT": ":material/neurology:"}  # Material Symbols ship with Streamlit: no emoji font needed
 
 
 def url_path(page: str) -> str:
@@ -40,16 +41,16 @@ def _task_renderer(page: str) -> Callable[[], None]:
 @lru_cache(maxsize=1)
 def task_pages() -> dict[str, st.Page]:
     """One `st.Page` per registry page, by page title."""
-    return {page: st.Page(_task_renderer(page), title=page, url_path=url_path(page), icon=ICONS.get(page, "🩻"))
+    return {page: st.Page(_task_renderer(page), title=page, url_path=url_path(page), icon=ICONS.get(page, ":material/radiology:"))
             for page in PAGES}
 
 
 @lru_cache(maxsize=1)
 def other_pages() -> dict[str, st.Page]:
     """Home, Model cards and Batch."""
-    return {"Home": st.Page(HOME, title="Home", icon="🏠", default=True),
-            "Model cards": st.Page(CARDS, title="Model cards", icon="📋", url_path="model-cards"),
-            "Batch": st.Page(BATCH, title="Batch", icon="🗂️", url_path="batch")}
+    return {"Home": st.Page(HOME, title="Home", icon=":material/home:", default=True),
+            "Model cards": st.Page(CARDS, title="Model cards", icon=":material/description:", url_path="model-cards"),
+            "Batch": st.Page(BATCH, title="Batch", icon=":material/table_view:", url_path="batch")}
 
 
 def navigation() -> dict[str, list[st.Page]]:

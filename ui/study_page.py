@@ -11,7 +11,8 @@ slice goes through the model with a progress bar (`core.study.analyse_series`). 
 - a slice scroller: the slider (focus it and use the arrow keys), previous / next, and one button
   per key slice;
 - the shown slice in the display window presets, and on demand its heatmap with every control of
-  the single-image page (`ui.task_page.cam_panel`, computed once per slice, output and method);
+  the single-image page (the task page hands over its `cam_panel` and `viewer_image`, so this module
+  does not import it back; computed once per slice, output and method);
 - the series listing (plain table), the left-outs and the warnings (plain text), the study report (PDF).
 
 Per-session results live in `st.session_state` (never `st.cache_data`). Untrusted text (file
@@ -21,13 +22,16 @@ names, series descriptions) appears only in `st.dataframe` cells, never in Markd
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
 from core.models import Classifier
-from core.pipeline import Refusal
+from core.pipeline import Analysis, Refusal
 from core.preprocess import display_rgb
 from core.report import render_study_pdf
 from core.series import Study, StudyError
@@ -48,6 +52,19 @@ STUDY_MODALITIES = frozenset({"CT", "MR"})  # models that read slices of a serie
 MAX_ANALYSES = 2  # series analyses a session keeps (the one shown and the one before)
 STRIP_CONFIG = {"displayModeBar": False}  # nothing to zoom: a click picks a slice
 KEY_COLOR, SLICE_COLOR, SHOWN_COLOR = "#d62728", "#9e9e9e", "#1f77b4"
+
+
+@dataclass(frozen=True)
+class SlicePanels:
+    """The task page's viewers a study slice is shown with (handed over: this module never imports the page).
+
+    Attributes:
+        cam_panel: (classifier, analysis) -> None: the heatmap viewer with every CAM control.
+        viewer_image: (spec, analysis, key prefix, rgb) -> rgb: the slice in the display window presets.
+    """
+
+    cam_panel: Callable[[Classifier, Analysis], None]
+    viewer_image: Callable[[TaskSpec, Analysis, str, np.ndarray], np.ndarray]
 
 
 def accepts_studies(spec: TaskSpec) -> bool:
@@ -202,10 +219,8 @@ def slice_scroller(analysis: StudyAnalysis, prefix: str) -> int:
     return int(st.session_state[slider]) - 1
 
 
-def show_slice(classifier: Classifier, analysis: StudyAnalysis, index: int, prefix: str) -> None:
+def show_slice(classifier: Classifier, analysis: StudyAnalysis, index: int, prefix: str, panels: SlicePanels) -> None:
     """The shown slice: as read in the display window, or with its heatmap and every CAM control."""
-    from ui.task_page import cam_panel, viewer_image
-
     spec = classifier.spec
     slice_analysis = analysis.slice_analysis(index)
     verdict = analysis.verdicts[index]
@@ -220,9 +235,9 @@ def show_slice(classifier: Classifier, analysis: StudyAnalysis, index: int, pref
     st.session_state.get("display_rgb", {}).pop(slice_analysis.digest, None)
     if st.toggle("Heatmap of this slice", key=f"study_heatmap_{prefix}",
                  help="Computed once per slice, output and method; the controls stay as set from slice to slice."):
-        cam_panel(classifier, slice_analysis)
+        panels.cam_panel(classifier, slice_analysis)
         return
-    rgb = viewer_image(spec, slice_analysis, f"{spec.key}_{slice_analysis.digest}", display_rgb(slice_analysis.scan))
+    rgb = panels.viewer_image(spec, slice_analysis, f"{spec.key}_{slice_analysis.digest}", display_rgb(slice_analysis.scan))
     st.image(rgb, width="stretch")
 
 
@@ -252,10 +267,8 @@ def show_study_answer(classifier: Classifier, analysis: StudyAnalysis, prefix: s
 
 def study_pdf(analysis: StudyAnalysis) -> bytes:
     """The study report (key slices with their heatmaps), made when the reader clicks."""
-    from ui.task_page import default_method
-
     _count("study_reports")
-    return render_study_pdf(study_report_content(analysis, default_method(analysis.classifier)))
+    return render_study_pdf(study_report_content(analysis))  # the card's most faithful CAM method
 
 
 def show_series(classifier: Classifier, study: Study, analysis: StudyAnalysis | None, index: int, digest: str) -> None:
@@ -290,8 +303,8 @@ def choose_series(classifier: Classifier, study: Study, digest: str) -> int | No
                                                                                   else ""))
 
 
-def render_study_view(classifier: Classifier, files: list) -> None:
-    """The whole study view for the uploads of a task page."""
+def render_study_view(classifier: Classifier, files: list, panels: SlicePanels) -> None:
+    """The whole study view for the uploads of a task page; `panels` are the task page's slice viewers."""
     spec = classifier.spec
     held = session_study(spec, files)
     if isinstance(held, str):
@@ -322,5 +335,5 @@ def render_study_view(classifier: Classifier, files: list) -> None:
         show_study_answer(classifier, outcome, prefix)
     with col_view:
         shown = slice_scroller(outcome, prefix)
-        show_slice(classifier, outcome, shown, prefix)
+        show_slice(classifier, outcome, shown, prefix, panels)
     show_series(classifier, study, outcome, index, digest)

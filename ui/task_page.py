@@ -22,7 +22,8 @@ import numpy as np
 import streamlit as st
 
 from core.decision import Prediction
-from core.explain import COLORMAPS, DEFAULT_METHOD, LOCALISATION_THRESHOLD, METHODS, draw_region, locate, overlay
+from core.explain import (CLASS_INDEPENDENT, COLORMAPS, DEFAULT_METHOD, LOCALISATION_THRESHOLD, METHODS, cam_layers,
+                          draw_region, locate, overlay)
 from core.feedback import VERDICTS, make_feedback, record_feedback
 from core.guard import plane_mismatch
 from core.models import Classifier, WeightsError
@@ -32,7 +33,7 @@ from core.report import ReportContent, render_pdf
 from core.tasks import CT_WINDOW_PRESETS, TaskSpec, describe_preprocessing, tasks_for_page
 from core.study import is_study
 from ui.cache import get_classifier
-from ui.study_page import accepts_studies, render_study_view
+from ui.study_page import SlicePanels, accepts_studies, render_study_view
 from ui.widgets import (VIEWER_CONFIG, card_summary, disclaimer, findings_chart, png_bytes, probability_chart,
                         spread_chart, synced_viewer)
 
@@ -100,19 +101,19 @@ def show_answer(classifier: Classifier, analysis: Analysis) -> None:
     st.subheader(f"Model output: {prediction.headline_text()}")
     if prediction.guard.warned:
         st.warning(f"Borderline input. {prediction.guard.reason}", icon="⚠️")
-    if prediction.uncertain:
-        test = card.indeterminate.get("test", {})
-        measured = ""
-        if test.get("share_uncertain") is not None and test.get("accuracy_inside") is not None:
-            measured = (f" On the held-out split {test['share_uncertain']:.0%} of images fell in this band and the model "
-                        f"was right on {test['accuracy_inside']:.0%} of them (vs {test['accuracy_outside']:.0%} outside).")
-        st.warning(f"This output lies inside the indeterminate band ({card.indeterminate.get('rule', '')}): the model "
-                   f"cannot tell the classes apart here.{measured}")
+    if prediction.uncertain and card.indeterminate is not None:
+        band = card.indeterminate.classes
+        test, measured = band.test, ""
+        if test.share_uncertain is not None and test.accuracy_inside is not None and test.accuracy_outside is not None:
+            measured = (f" On the held-out split {test.share_uncertain:.0%} of images fell in this band and the model "
+                        f"was right on {test.accuracy_inside:.0%} of them (vs {test.accuracy_outside:.0%} outside).")
+        st.warning(f"This output lies inside the indeterminate band ({band.rule}): the model cannot tell the classes "
+                   f"apart here.{measured}")
     st.plotly_chart(probability_chart(prediction, spec), key=f"probs_{spec.key}", config={"displayModeBar": False})
     if prediction.threshold is not None:
-        at = card.metrics.get("at_threshold", {})
-        measured = (f"; on held-out images sensitivity {at['sensitivity']:.2f}, specificity {at['specificity']:.2f}"
-                    if at.get("sensitivity") is not None and at.get("specificity") is not None else "")
+        at = card.test_figures.at_threshold
+        measured = (f"; on held-out images sensitivity {at.sensitivity:.2f}, specificity {at.specificity:.2f}"
+                    if at is not None and at.sensitivity is not None and at.specificity is not None else "")
         st.caption(
             f"Calls {spec.positive_title} when its probability is at least {prediction.threshold:.2f} "
             f"(operating threshold chosen on validation data{measured}); here it is {prediction.positive_probability:.1%}."
@@ -128,8 +129,8 @@ def show_findings_table(classifier: Classifier, prediction: Prediction) -> None:
     """A multi-label model's independent findings: each against its own threshold, with its held-out figures."""
     rows = []
     for finding in prediction.findings:
-        test = classifier.card.findings.get(finding.key, {}).get("test", {})
-        auc = test.get("roc_auc")
+        test = classifier.card.findings[finding.key].test
+        auc = test.roc_auc
         sens, spec_ = finding.sensitivity, finding.specificity
         rows.append({"finding": finding.title, "probability": f"{finding.probability:.1%}",
                      "threshold": f"{finding.threshold:.2f}", "above threshold": "yes" if finding.above_threshold else "no",
@@ -138,7 +139,7 @@ def show_findings_table(classifier: Classifier, prediction: Prediction) -> None:
                      "held-out sensitivity / specificity": "n/a" if sens is None or spec_ is None
                      else f"{sens:.2f} / {spec_:.2f}",
                      "held-out ROC-AUC": f"{auc:.2f}" if auc is not None else "n/a",
-                     "held-out positive slices": test.get("positives", "n/a"),
+                     "held-out positive slices": test.positives,
                      "why unreliable": finding.unreliable or ""})
     st.dataframe(rows, hide_index=True)
     st.caption("Each finding has its own threshold, chosen on validation data. A finding whose own validation figures "
@@ -168,9 +169,29 @@ def stability_panel(classifier: Classifier, analysis: Analysis) -> None:
         st.warning("The call changes under small changes of the image: treat it as uncertain.")
 
 
+def method_notes(classifier: Classifier) -> dict[str, str]:
+    """What the reader must know of a method before reading its map: class-independent, or failing the card's
+    randomisation check."""
+    explanations = classifier.card.explanations
+    fails = set(explanations.fails_randomisation) if explanations is not None else set()
+    notes = {m: "class-independent" for m in CLASS_INDEPENDENT}
+    for m in fails:
+        notes[m] = (notes[m] + "; " if m in notes else "") + "fails the randomisation check"
+    return notes
+
+
+def heatmap_resolution(classifier: Classifier) -> str:
+    """The grid the heatmaps are computed on, in words ("features.13 + features.18: a 14 x 14 grid")."""
+    spec = classifier.spec
+    layers = cam_layers(classifier)
+    grid = spec.backbone.cam_grid(spec.input_size) * (2 if spec.backbone.fine_cam_layer in layers else 1)
+    return f"{' + '.join(layers)}: a {grid} x {grid} grid"
+
+
 def default_method(classifier: Classifier) -> str:
     """The CAM method the card measured as most faithful on held-out images, else `DEFAULT_METHOD`."""
-    method = classifier.card.explanations.get("default_method")
+    explanations = classifier.card.explanations
+    method = explanations.default_method if explanations is not None else None
     return method if method in METHODS else DEFAULT_METHOD
 
 
@@ -217,7 +238,9 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     target = col_class.selectbox("Explain output" if spec.findings else "Explain class", spec.outputs,
                                  index=analysis.prediction.index, format_func=spec.output_title, key=f"cam_class_{prefix}")
     preferred = default_method(classifier)
+    notes = method_notes(classifier)
     method = col_method.selectbox("Method", METHODS, index=METHODS.index(preferred), key=f"cam_method_{prefix}",
+                                  format_func=lambda m: f"{m} ({notes[m]})" if m in notes else m,
                                   help=f"{preferred} is the default: it was the most faithful method for this model "
                                        "on held-out images (see the Model cards page).")
     colormap = col_map.selectbox("Colormap", list(COLORMAPS), key=f"cam_cmap_{prefix}")
@@ -227,6 +250,7 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     region_style = col_region.radio("Strongest region", ["off", "outline", "box"], horizontal=True,
                                     key=f"cam_region_{prefix}")
     title = spec.output_title(target)
+    shown_as = "any class (class-independent)" if method in CLASS_INDEPENDENT else f"'{title}'"
     fresh = not analysis.has_heatmap(target, method)
     try:
         with st.spinner(f"Computing {method} for {title}..."):
@@ -245,7 +269,7 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
             blended = draw_region(blended, region, region_style)
         left_title = "As read" if rgb is _rgb(analysis) else "In the display window"
         overlay_png = png_bytes(blended)  # shown in the viewer and offered as the download: encoded once
-        st.plotly_chart(synced_viewer(png_bytes(rgb), overlay_png, rgb.shape[:2], left_title, f"{method} for '{title}'"),
+        st.plotly_chart(synced_viewer(png_bytes(rgb), overlay_png, rgb.shape[:2], left_title, f"{method} for {shown_as}"),
                         config=VIEWER_CONFIG, key=f"viewer_{prefix}")
         reading = st.empty()  # the faithfulness line, filled last
     if region is not None:
@@ -255,10 +279,13 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
         top, bottom, left, right = analysis.input.region
         st.caption(f"The model looked at rows {top}-{bottom} and columns {left}-{right} of this image (its border crop); "
                    "outside them the heatmap is empty because the model never saw those pixels.")
-    grid = spec.cam_grid
-    coarse = f"{spec.cam_layer} gives a {grid} x {grid} grid, smoothed to the image" if grid else f"from {spec.cam_layer}"
-    st.caption(f"Heatmaps are coarse ({coarse}) and normalised per image: red marks where this image's evidence is "
-               "strongest, not how strong it is. They show what drove the model, not where disease is.")
+    if method in notes:
+        st.caption(f"{method}: {notes[method]}. " + ("It shows what the layer responds to most, whichever class is "
+                   "chosen." if method in CLASS_INDEPENDENT else "Its map changed little when the model's layers were "
+                   "randomised (Model cards page): read it as image structure rather than the model's evidence."))
+    st.caption(f"Heatmaps are coarse ({heatmap_resolution(classifier)}, smoothed to the image; outside the body "
+               "suppressed) and normalised per image: red marks where this image's evidence is strongest, not how "
+               "strong it is. They show what drove the model, not where disease is.")
     stem = f"secondlook-{spec.key}-{target}-{method.lower().replace('+', 'plus')}"
     col_png, col_pdf = st.columns(2)
     col_png.download_button("Download the overlay (PNG)", data=overlay_png, mime="image/png", on_click="ignore",
@@ -328,7 +355,7 @@ def render_task_page(page: str) -> None:
         return
     if len(uploads) > 1 or is_study(uploads[0].getvalue(), uploads[0].name):
         if studies:
-            render_study_view(classifier, uploads)
+            render_study_view(classifier, uploads, SlicePanels(cam_panel, viewer_image))
             card_summary(classifier.card)
         else:
             st.error("This page reads one image at a time. For several files or a ZIP, use the Batch page.")

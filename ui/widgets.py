@@ -18,7 +18,7 @@ import streamlit as st
 
 from plotly.subplots import make_subplots
 
-from core.cards import ModelCard
+from core.cards import Confusion, ModelCard, Reliability, RocCurve
 from core.decision import Prediction
 from core.report import DISCLAIMER_BODY, DISCLAIMER_LEAD
 from core.tasks import TaskSpec, get_task
@@ -99,23 +99,25 @@ def _fmt(value: object) -> str:
 
 def card_summary(card: ModelCard) -> None:
     """Model name, version and held-out figures, with an expander for the rest of the card."""
-    m = card.metrics
+    m = card.test_figures
     st.caption(
-        f"Model: **{card.name}**, version {card.version} ({card.arch}). Held-out {m.get('split', 'test')} split "
-        f"(n={m.get('n', 'n/a')}): accuracy {_fmt(m.get('accuracy'))}, balanced accuracy "
-        f"{_fmt(m.get('balanced_accuracy'))}, macro-F1 {_fmt(m.get('macro_f1'))}, ROC-AUC {_fmt(m.get('roc_auc'))}."
+        f"Model: **{card.name}**, version {card.version} ({card.arch}). Held-out {m.split} split "
+        f"(n={m.n}): accuracy {_fmt(m.accuracy)}, balanced accuracy "
+        f"{_fmt(m.balanced_accuracy)}, macro-F1 {_fmt(m.macro_f1)}, ROC-AUC {_fmt(m.roc_auc)}."
     )
     with st.expander("About this model"):
-        st.markdown(f"**Trained on:** {card.data.get('trained_on', '')}")
-        st.markdown(f"**Source:** {card.data.get('source', '')} — licence: {card.data.get('licence', '')}")
-        st.markdown(f"**Split:** {card.split.get('method', '')}")
+        if card.data is not None:
+            st.markdown(f"**Trained on:** {card.data.trained_on}")
+            st.markdown(f"**Source:** {card.data.source} — licence: {card.data.licence}")
+        if card.split is not None:
+            st.markdown(f"**Split:** {card.split.method}")
         if card.threshold is not None:
-            at = m.get("at_threshold", {})
+            at = m.at_threshold
             st.markdown(
                 f"**Operating threshold:** {get_task(card.key).positive_title} at {card.threshold:.3f} ({card.threshold_rule}); on the "
-                f"held-out split sensitivity {_fmt(at.get('sensitivity'))}, specificity {_fmt(at.get('specificity'))}."
+                f"held-out split sensitivity {_fmt(at and at.sensitivity)}, specificity {_fmt(at and at.specificity)}."
             )
-        st.markdown(f"**Calibration:** temperature {card.temperature:.3f}; held-out ECE {_fmt(m.get('ece'))}.")
+        st.markdown(f"**Calibration:** temperature {card.temperature:.3f}; held-out ECE {_fmt(m.ece)}.")
         st.markdown(f"**Intended use:** {card.intended_use}")
         if card.limitations:
             st.markdown("**Known limitations:**\n" + "\n".join(f"- {item}" for item in card.limitations))
@@ -140,7 +142,7 @@ def synced_viewer(left_png: bytes, right_png: bytes, size: tuple[int, int], left
     figure.update_xaxes(showticklabels=False, range=[-0.5, width - 0.5])
     figure.update_yaxes(showticklabels=False, range=[height - 0.5, -0.5], scaleanchor="x")
     figure.update_layout(xaxis2=dict(matches="x"), yaxis2=dict(matches="y", scaleanchor="x2"), dragmode="zoom",
-                         height=520, margin=dict(l=0, r=0, t=30, b=0), hovermode=False)
+                         height=430, margin=dict(l=0, r=0, t=30, b=0), hovermode=False)
     return figure
 
 
@@ -159,14 +161,14 @@ def spread_chart(spread: Spread, index: int) -> go.Figure:
     return figure
 
 
-def roc_figure(curves: dict, threshold_point: tuple[float, float] | None = None) -> go.Figure:
-    """ROC curves from a card (`metrics.curves.roc`), with the operating point if given (fpr, tpr)."""
+def roc_figure(curves: dict[str, RocCurve], threshold_point: tuple[float, float] | None = None) -> go.Figure:
+    """ROC curves from a card (`appraisal.roc`), with the operating point if given (fpr, tpr)."""
     figure = go.Figure()
     figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#aaaaaa"),
                                 name="chance", hoverinfo="skip"))
     for label, curve in curves.items():
-        figure.add_trace(go.Scatter(x=curve["fpr"], y=curve["tpr"], mode="lines", customdata=curve["threshold"],
-                                    name=f"{label} (AUC {curve['auc']:.3f})",
+        figure.add_trace(go.Scatter(x=curve.fpr, y=curve.tpr, mode="lines", customdata=curve.threshold,
+                                    name=f"{label} (AUC {curve.auc:.3f})",
                                     hovertemplate="1 - specificity %{x:.3f}<br>sensitivity %{y:.3f}"
                                                   "<br>threshold %{customdata:.3f}<extra></extra>"))
     if threshold_point is not None:
@@ -177,19 +179,19 @@ def roc_figure(curves: dict, threshold_point: tuple[float, float] | None = None)
     return figure
 
 
-def reliability_figure(bins: dict) -> go.Figure:
-    """Reliability diagram from a card (`metrics.curves.reliability`): accuracy against confidence per bin."""
-    edges = bins["edges"]
+def reliability_figure(bins: Reliability) -> go.Figure:
+    """Reliability diagram from a card (`appraisal.reliability`): accuracy against confidence per bin."""
+    edges = bins.edges
     centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
-    shown = [i for i, count in enumerate(bins["count"]) if count]
+    shown = [i for i, count in enumerate(bins.count) if count]
     figure = go.Figure()
     figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#aaaaaa"),
                                 name="perfect calibration", hoverinfo="skip"))
-    figure.add_trace(go.Bar(x=[centres[i] for i in shown], y=[bins["accuracy"][i] for i in shown],
+    figure.add_trace(go.Bar(x=[centres[i] for i in shown], y=[bins.accuracy[i] for i in shown],
                             width=(edges[1] - edges[0]) * 0.9, name="accuracy in bin", marker_color="#1f77b4",
-                            customdata=[bins["count"][i] for i in shown],
+                            customdata=[bins.count[i] for i in shown],
                             hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.3f}<br>%{customdata} images<extra></extra>"))
-    figure.add_trace(go.Scatter(x=[bins["confidence"][i] for i in shown], y=[bins["accuracy"][i] for i in shown],
+    figure.add_trace(go.Scatter(x=[bins.confidence[i] for i in shown], y=[bins.accuracy[i] for i in shown],
                                 mode="markers", name="mean confidence", marker=dict(color="black")))
     figure.update_layout(xaxis=dict(title="top-class calibrated probability", range=[0, 1]),
                          yaxis=dict(title="accuracy", range=[0, 1.02]), height=380,
@@ -197,14 +199,14 @@ def reliability_figure(bins: dict) -> go.Figure:
     return figure
 
 
-def confusion_figure(confusion: dict) -> go.Figure:
+def confusion_figure(confusion: Confusion) -> go.Figure:
     """Confusion matrix heatmap (rows: true class, columns: decided class), counts and row shares."""
-    matrix = np.asarray(confusion["matrix"], dtype=float)
+    matrix = np.asarray(confusion.matrix, dtype=float)
     shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     text = [[f"{int(matrix[i, j])}<br>{shares[i, j]:.0%}" for j in range(matrix.shape[1])] for i in range(matrix.shape[0])]
-    figure = go.Figure(go.Heatmap(z=shares, x=confusion["labels"], y=confusion["labels"], text=text,
+    figure = go.Figure(go.Heatmap(z=shares, x=confusion.labels, y=confusion.labels, text=text,
                                   texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1, showscale=False,
                                   hovertemplate="true %{y}<br>called %{x}<br>%{text}<extra></extra>"))
     figure.update_layout(xaxis=dict(title="model's call", side="bottom"), yaxis=dict(title="true class", autorange="reversed"),
-                         height=120 + 60 * len(confusion["labels"]), margin=dict(l=10, r=10, t=30, b=10))
+                         height=120 + 60 * len(confusion.labels), margin=dict(l=10, r=10, t=30, b=10))
     return figure

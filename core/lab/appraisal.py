@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.cards import read_card, write_card
+from core.cards import update_card
 from core.lab.data import check_labels, group_records, preprocess_pixels, read_records
 from core.lab.data import recorded_split
 from core.lab.evaluate import compute_finding_metrics, compute_metrics, score_records
-from core.explain import METHODS, ROAD_PERCENTILES, compute_cam, road_score
+from core.explain import (CLASS_INDEPENDENT, DEFAULT_METHOD, METHODS, ROAD_PERCENTILES, body_mask, compute_cam,
+                          input_grey, mass_inside, road_score, suppress)
 from core.cards import ModelCard
 from core.decision import Band, decide, decision_distance, log_odds, positive_mask, positive_score
 from core.models import WEIGHTS_DIR, Classifier, WeightsError, backbone_blocks, card_path, head_module, load_candidate
@@ -96,8 +97,9 @@ def group_bootstrap(measure, names: list[str], groups: np.ndarray, resamples: in
     """95% percentile intervals of `measure(index) -> {name: value or None}`, resampling whole groups.
 
     Returns:
-        {name: {"estimate", "low", "high"}, "resamples", "unit", "groups"}; a resample where a
-        metric is undefined (None, e.g. no positive case drawn) is left out of that metric's interval.
+        The card's `Intervals`: {"resamples", "unit", "groups", "metrics": {name: {"estimate", "low", "high"}}};
+        a resample where a metric is undefined (None, e.g. no positive case drawn) is left out of that
+        metric's interval.
     """
     rng = np.random.default_rng(seed)
     unique, inverse = np.unique(groups, return_inverse=True)
@@ -111,11 +113,11 @@ def group_bootstrap(measure, names: list[str], groups: np.ndarray, resamples: in
             if values[name] is not None:
                 samples[name].append(values[name])
     out: dict = {"resamples": resamples, "unit": "split group (near-duplicates merged with patients)",
-                 "groups": int(len(members))}
+                 "groups": int(len(members)), "metrics": {}}
     for name in names:
         drawn = np.asarray(samples[name])
         low, high = (float(np.percentile(drawn, 2.5)), float(np.percentile(drawn, 97.5))) if len(drawn) else (None, None)
-        out[name] = {"estimate": estimate[name], "low": low, "high": high}
+        out["metrics"][name] = {"estimate": estimate[name], "low": low, "high": high}
     return out
 
 
@@ -190,6 +192,12 @@ def band_figures(distance: np.ndarray, correct: np.ndarray, width: float) -> dic
             "share_uncertain": float(inside.mean()) if len(inside) else None,
             "accuracy_outside": float(correct[~inside].mean()) if (~inside).any() else None,
             "accuracy_inside": float(correct[inside].mean()) if inside.any() else None}
+
+
+def interval_summary(intervals: dict) -> str:
+    """One line: each metric's estimate and 95% interval."""
+    return ", ".join(f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in intervals["metrics"].items()
+                     if v.get("low") is not None)
 
 
 def band_summary(band: dict) -> str:
@@ -277,8 +285,58 @@ def stratified_sample(targets: np.ndarray, count: int, seed: int = 0) -> np.ndar
     return np.asarray(sorted(chosen), dtype=np.int64)
 
 
-def faithfulness(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int]) -> tuple[dict, dict]:
-    """ROAD score of every CAM method over the same images (each for the class the model decided).
+def cam_layer_candidates(spec: TaskSpec) -> dict[str, tuple[str, ...]]:
+    """The layer sets a model's heatmaps may use: its last block (7 x 7 at 224 px), and where the backbone table
+    names one, its finer block alone and fused with the last (14 x 14)."""
+    out = {"last block": (spec.cam_layer,)}
+    fine = spec.backbone.fine_cam_layer
+    if fine:
+        out["finer block"] = (fine,)
+        out["finer + last block"] = (fine, spec.cam_layer)
+    return out
+
+
+def choose_cam_layers(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int],
+                      method: str = DEFAULT_METHOD) -> dict:
+    """Measure each candidate layer set (ROAD of its background-suppressed map; CAM mass inside the body before and
+    after suppression) and choose the most faithful one at 14 x 14 or finer (the last block where there is none).
+
+    Returns:
+        The card's `explanations.cam_layers`: {"chosen": [...], "rule", "method", "images", "candidates": {name:
+        {"layers", "grid", "road", "mass_in_body_raw", "mass_in_body", "empty_maps"}}}.
+    """
+    spec = classifier.spec
+    candidates = {}
+    for name, layers in cam_layer_candidates(spec).items():
+        roads, raw_mass, kept_mass, empty = [], [], [], 0
+        for tensor, index in zip(tensors, classes):
+            raw = compute_cam(classifier, tensor, index, method, layers, suppress_background=False)
+            mask = body_mask(input_grey(tensor, spec))
+            shown = suppress(raw, mask)
+            if float(shown.max()) <= 0:  # no map: no ranking of pixels, ROAD 0
+                empty += 1
+                roads.append(0.0)
+                continue
+            raw_mass.append(mass_inside(raw, mask))
+            kept_mass.append(mass_inside(shown, mask))
+            roads.append(road_score(classifier, tensor, shown, index).score)
+        grid = spec.backbone.cam_grid(spec.input_size) * (2 if spec.backbone.fine_cam_layer in layers else 1)
+        candidates[name] = {"layers": list(layers), "grid": grid,
+                            "road": float(np.mean(roads)) if roads else None,
+                            "mass_in_body_raw": float(np.mean(raw_mass)) if raw_mass else None,
+                            "mass_in_body": float(np.mean(kept_mass)) if kept_mass else None, "empty_maps": empty}
+        logger.info("%s CAM layers %s: %s", spec.key, name, candidates[name])
+    fine = {n: c for n, c in candidates.items() if c["grid"] >= 14 and c["road"] is not None} or candidates
+    chosen = max(fine, key=lambda n: (fine[n]["road"] if fine[n]["road"] is not None else -1.0))
+    return {"chosen": candidates[chosen]["layers"], "chosen_name": chosen, "method": method, "images": len(tensors),
+            "rule": f"highest mean ROAD of the {method} map (background suppressed) among the sets at 14 x 14 or finer, "
+                    "on held-out test images",
+            "candidates": candidates}
+
+
+def faithfulness(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int],
+                 layers: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """ROAD score of every CAM method over the same images (each for the class the model decided), on `layers`.
 
     Returns:
         (the table per method, the heatmaps per method in image order).
@@ -288,7 +346,7 @@ def faithfulness(classifier: Classifier, tensors: list[torch.Tensor], classes: l
         scores, seconds, heatmaps[method] = [], [], []
         for tensor, index in zip(tensors, classes):
             start = time.perf_counter()
-            heatmap = compute_cam(classifier, tensor, index, method)
+            heatmap = compute_cam(classifier, tensor, index, method, layers)
             seconds.append(time.perf_counter() - start)
             heatmaps[method].append(heatmap)
             scores.append(road_score(classifier, tensor, heatmap, index).score)
@@ -323,21 +381,26 @@ def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def sanity_check(classifier: Classifier, tensors: list[torch.Tensor], classes: list[int], stages: int = 4,
-                 seed: int = 0, originals: dict[str, list[np.ndarray]] | None = None) -> dict:
+                 seed: int = 0, layers: tuple[str, ...] | None = None) -> dict:
     """Cascading model randomisation: rank correlation of each method's map with the trained model's.
 
     A faithful method's map should change (correlation falls towards 0) once the layers it
     depends on are randomised; a map that survives randomisation shows image structure, not
     what the model learned.
 
+    The maps are compared without the background suppression, which would add the same image
+    structure (the body's outline) to both.
+
     Args:
-        originals: The trained model's maps per method for these images, where already computed.
+        layers: The layers the maps are computed on.
 
     Returns:
         {"stages": [names randomised cumulatively], "methods": {method: [mean |Spearman| per stage]}}.
     """
-    if originals is None:
-        originals = {m: [compute_cam(classifier, t, c, m) for t, c in zip(tensors, classes)] for m in METHODS}
+    def cam(model_classifier: Classifier, tensor: torch.Tensor, index: int, method: str) -> np.ndarray:
+        return compute_cam(model_classifier, tensor, index, method, layers, suppress_background=False)
+
+    originals = {m: [cam(classifier, t, c, m) for t, c in zip(tensors, classes)] for m in METHODS}
     model = copy.deepcopy(classifier.module)
     cascade = randomisation_stages(model, classifier.spec.arch)[:stages]
     generator = torch.Generator().manual_seed(seed)
@@ -348,7 +411,7 @@ def sanity_check(classifier: Classifier, tensors: list[torch.Tensor], classes: l
         randomise_(block, generator)
         result["stages"].append(name)
         for method in METHODS:
-            values = [abs(_rank_correlation(original, compute_cam(scratch, t, c, method)))
+            values = [abs(_rank_correlation(original, cam(scratch, t, c, method)))
                       for original, t, c in zip(originals[method], tensors, classes)]
             result["methods"][method].append(float(np.mean(values)))
         logger.info("%s randomised up to %s: %s", classifier.spec.key, name,
@@ -356,16 +419,29 @@ def sanity_check(classifier: Classifier, tensors: list[torch.Tensor], classes: l
     return result
 
 
-def explanation_summary(table: dict, sanity: dict, images: int) -> dict:
-    """The card's `explanations` section: the table, the chosen default and the sanity check."""
-    best = max(table, key=lambda m: table[m]["mean"])
+RANDOMISATION_FAIL = 0.8  # a map this similar (mean |Spearman|) after the whole cascade is randomised: it fails
+
+
+def explanation_summary(table: dict, sanity: dict, images: int, layers: dict) -> dict:
+    """The card's `explanations` section: the table, the chosen default, the sanity check, the CAM layers.
+
+    The default is the most faithful method that depends on the class asked for and passes the
+    randomisation check (its map changes once the model's layers are randomised).
+    """
+    fails = [m for m, values in sanity["methods"].items() if values and values[-1] >= RANDOMISATION_FAIL]
+    allowed = [m for m in table if m not in fails and m not in CLASS_INDEPENDENT] or list(table)
+    best = max(allowed, key=lambda m: table[m]["mean"])
     return {
         "faithfulness": {"metric": f"ROAD (MoRF - LeRF) / 2 over percentiles {list(ROAD_PERCENTILES)}, "
-                                   "calibrated probability of the decided class",
+                                   "calibrated probability of the decided class, background suppressed",
                          "images": images, "methods": table},
         "default_method": best,
-        "default_rule": "highest mean ROAD score on held-out test images",
+        "default_rule": ("highest mean ROAD score on held-out test images among the class-dependent methods that "
+                         f"pass the randomisation check (mean |Spearman| below {RANDOMISATION_FAIL} once the "
+                         f"cascade through {sanity['stages'][-1] if sanity['stages'] else 'the head'} is randomised)"),
         "sanity_check": sanity,
+        "fails_randomisation": fails,
+        "cam_layers": layers,
     }
 
 
@@ -389,7 +465,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def appraise(classifier: Classifier, records: list, args: argparse.Namespace) -> dict:
     """All new card sections for one model (see the module docstring)."""
     spec, card = classifier.spec, classifier.card
-    every, raw_every, sides = recorded_split(records, spec, card.training.get("config", {}), preprocess=False)
+    every, raw_every, sides = recorded_split(records, spec, card.training.config, preprocess=False)
     scored = {}
     for side in ("val", "test"):
         chosen = [i for i, s in enumerate(sides) if s == side]
@@ -401,12 +477,12 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
     val_scores = scored["val"][3]
     predictions = decide(probabilities, spec.labels, card.positive, card.threshold)
     _, groups = group_records(test_records, raw)  # bootstrap units: groups as the split made them (before the steps)
-    sections = {"indeterminate": indeterminate_band(class_band_inputs(val_scores.targets, val_scores.probabilities, spec, card),
-                                                    class_band_inputs(targets, probabilities, spec, card),
-                                                    spec.positive_title, card.threshold)}
+    sections = {"indeterminate": {"classes": indeterminate_band(
+        class_band_inputs(val_scores.targets, val_scores.probabilities, spec, card),
+        class_band_inputs(targets, probabilities, spec, card), spec.positive_title, card.threshold)}}
     if spec.findings:
-        thresholds = [float(card.findings[name]["threshold"]) for name in spec.findings]
-        sections["finding_bands"] = {
+        thresholds = [card.findings[name].threshold for name in spec.findings]
+        sections["indeterminate"]["findings"] = {
             name: indeterminate_band(
                 finding_band_inputs(val_scores.finding_targets[:, j], val_scores.finding_probabilities[:, j], thresholds[j]),
                 finding_band_inputs(finding_truth[:, j], finding_probabilities[:, j], thresholds[j]),
@@ -414,22 +490,23 @@ def appraise(classifier: Classifier, records: list, args: argparse.Namespace) ->
             for j, name in enumerate(spec.findings)}
     if args.only == "indeterminate":
         return sections
-    sections["intervals"] = bootstrap_intervals(targets, probabilities, predictions, groups, spec, card.positive
-                                                if card.threshold is not None else None, args.resamples)
-    sections["curves"] = {"roc": roc_curves(targets, probabilities, spec, card.positive if card.threshold is not None else None),
-                          "reliability": reliability(targets, probabilities)}
+    sections["appraisal"] = {
+        "intervals": bootstrap_intervals(targets, probabilities, predictions, groups, spec, card.positive
+                                         if card.threshold is not None else None, args.resamples),
+        "roc": roc_curves(targets, probabilities, spec, card.positive if card.threshold is not None else None),
+        "reliability": reliability(targets, probabilities)}
     chosen = stratified_sample(targets, args.faithfulness_images)
     preset = EvalPreset(spec)
     tensors = [preset.from_pixels(images[i]).tensor for i in chosen]
     classes = [int(predictions[i]) for i in chosen]
-    table, heatmaps = faithfulness(classifier, tensors, classes)
+    layers = choose_cam_layers(classifier, tensors, classes)
+    table, _ = faithfulness(classifier, tensors, classes, tuple(layers["chosen"]))
     sanity_n = min(args.sanity_images, len(tensors))
-    sanity = sanity_check(classifier, tensors[:sanity_n], classes[:sanity_n],
-                          originals={m: maps[:sanity_n] for m, maps in heatmaps.items()})
-    sections["explanations"] = explanation_summary(table, sanity, len(tensors))
+    sanity = sanity_check(classifier, tensors[:sanity_n], classes[:sanity_n], layers=tuple(layers["chosen"]))
+    sections["explanations"] = explanation_summary(table, sanity, len(tensors), layers)
     if spec.findings:
-        sections["finding_intervals"] = finding_intervals(finding_truth, finding_probabilities, thresholds, groups, spec,
-                                                          args.resamples)
+        sections["appraisal"]["findings"] = finding_intervals(finding_truth, finding_probabilities, thresholds, groups,
+                                                              spec, args.resamples)
     return sections
 
 
@@ -445,33 +522,22 @@ def main(argv: list[str] | None = None) -> int:
         sections = appraise(classifier, records, args)
     except (ValueError, WeightsError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    print(f"{spec.key}: indeterminate band: {band_summary(sections['indeterminate'])}")
-    for name, band in sections.get("finding_bands", {}).items():
+    bands = sections["indeterminate"]
+    print(f"{spec.key}: indeterminate band: {band_summary(bands['classes'])}")
+    for name, band in bands.get("findings", {}).items():
         print(f"  finding {name} band: {band_summary(band)}")
-    if "intervals" in sections:
-        print("  " + ", ".join(f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
-                               for k, v in sections["intervals"].items() if isinstance(v, dict) and v.get("low") is not None))
+    if "appraisal" in sections:
+        print("  " + interval_summary(sections["appraisal"]["intervals"]))
         table = sections["explanations"]["faithfulness"]["methods"]
         print("  ROAD: " + ", ".join(f"{m} {v['mean']:+.3f}" for m, v in table.items())
               + f"; default {sections['explanations']['default_method']}")
         for method, values in sections["explanations"]["sanity_check"]["methods"].items():
             print(f"  randomisation {method}: " + " -> ".join(f"{v:.2f}" for v in values))
-    for name, found in sections.get("finding_intervals", {}).items():
-        print(f"  finding {name}: " + ", ".join(f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
-                                               for k, v in found.items() if isinstance(v, dict) and v.get("low") is not None))
+        for name, found in sections["appraisal"].get("findings", {}).items():
+            print(f"  finding {name}: {interval_summary(found)}")
     if not args.dry_run:
         path = card_path(spec, args.weights)
-        card = read_card(path)
-        card.indeterminate = sections["indeterminate"]
-        if "intervals" in sections:
-            card.metrics["intervals"] = sections["intervals"]
-            card.metrics["curves"] = sections["curves"]
-            card.explanations = sections["explanations"]
-        for name, found in sections.get("finding_intervals", {}).items():
-            card.findings[name]["test"]["intervals"] = found
-        for name, band in sections.get("finding_bands", {}).items():
-            card.findings[name]["indeterminate"] = band
-        write_card(card, path)
+        update_card(path, "appraisal: " + ", ".join(sections), **sections)
         print(f"  wrote {path.relative_to(WEIGHTS_DIR.parent) if path.is_relative_to(WEIGHTS_DIR.parent) else path}")
     return 0
 

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
             card = read_card(WEIGHTS_DIR / f"{spec.key}.json")
             # the images as grouped when the split was carved: before any preprocessing step
-            records, images, carved = recorded_split(records, spec, card.training.get("config", {}), preprocess=False)
+            records, images, carved = recorded_split(records, spec, card.training.config, preprocess=False)
             sides = list(carved)
         else:
             images = load_pixels(records, spec, preprocess=False) if spec else _scan_pixels(records)

@@ -15,7 +15,7 @@ With `--by patient` every patient's slices (manifest `patient` column, ordered b
 study, scored with the card's study call exactly as the app makes it (`core.study.call_study`): a
 patient is positive when any of its slices is; ROC-AUC of the study score, sensitivity and
 specificity at the card's study threshold, with bootstrap intervals over patients
-(`core.lab.study.score_patients`).
+(`core.lab.patients.score_patients`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from core.calibration import expected_calibration_error, sensitivity_specificity
 from core.lab.data import SPLITS, Record, ScanDataset, check_labels, finding_targets, load_pixels, read_records, recorded_split
+from core.lab.patients import format_patients, score_patients
 from core.decision import card_probabilities, decide, positive_mask, positive_score
 from core.models import Classifier, WeightsError, forward_module, load_candidate
 from core.preprocess import EvalPreset
@@ -256,7 +257,8 @@ def run_card_section(parser: argparse.ArgumentParser, argv: list[str] | None, fi
         parser.exit(2, f"error: {exc}\n")
     print(describe(section, spec.key))
     if args.write_card:
-        update_card(card_path(spec, args.weights), **{field: section})
+        update_card(card_path(spec, args.weights), f"{field}: {parser.prog} " + " ".join(argv or sys.argv[1:]),
+                    **{field: section})
     return 0
 
 
@@ -292,7 +294,7 @@ def card_side(classifier: Classifier, records: list[Record], side: str,
               preprocess: bool = True) -> tuple[list[Record], list[np.ndarray]]:
     """The records (and pixels) on one side of the split the card says the model was trained with;
     preprocess=False: the pixels before the model's preprocessing steps (see `recorded_split`)."""
-    records, images, sides = recorded_split(records, classifier.spec, classifier.card.training.get("config", {}),
+    records, images, sides = recorded_split(records, classifier.spec, classifier.card.training.config,
                                             preprocess)
     chosen = [i for i, s in enumerate(sides) if s == side]
     return [records[i] for i in chosen], [images[i] for i in chosen]
@@ -311,8 +313,6 @@ def main(argv: list[str] | None = None) -> int:
             records, images = card_side(classifier, records, args.card_split)
         scores = score_records(classifier, records, args.batch_size, images)
         if args.by == "patient":
-            from core.lab.study import format_patients, score_patients
-
             patients = score_patients(classifier, records, scores)
     except (ValueError, WeightsError, OSError) as exc:
         parser.exit(2, f"error: {exc}\n")
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics["at_threshold"] = {"threshold": card.threshold, **threshold_figures(
             scores.probabilities, scores.targets, spec.labels, card.positive, card.threshold)}
     if spec.findings:
-        thresholds = [float(card.findings[name]["threshold"]) for name in spec.findings]
+        thresholds = [card.findings[name].threshold for name in spec.findings]
         metrics["findings"] = compute_finding_metrics(scores.finding_targets, scores.finding_probabilities, thresholds,
                                                      spec.findings)
     if args.predictions:

@@ -130,7 +130,7 @@ def reframed_scores(classifier: Classifier, images: list[np.ndarray], labels: li
 def check(classifier: Classifier, records: list, seed: int = 0) -> dict:
     """The card's `acquisition` section for a loaded model on its data folder's records."""
     spec = classifier.spec
-    records, images, sides = recorded_split(records, spec, classifier.card.training.get("config", {}))
+    records, images, sides = recorded_split(records, spec, classifier.card.training.config)
     side = {name: [i for i, s in enumerate(sides) if s == name] for name in ("train", "test")}
     frame = acquisition_check([images[i] for i in side["train"]], [records[i].label for i in side["train"]],
                               [images[i] for i in side["test"]], [records[i].label for i in side["test"]],

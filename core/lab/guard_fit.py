@@ -10,6 +10,7 @@ Run as `python -m core.lab.guard_fit --data-root ../shared/data [--task KEY]`. M
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from core.cards import read_card, write_card
 from core.lab.data import ScanDataset, read_records, recorded_split
-from core.guard import VAL_QUANTILE, GuardStats
+from core.guard import GuardStats
 from core.imaging import ScanError, read_scan
 from core.models import WEIGHTS_DIR, Classifier, load_model, sha256_file
 from core.preprocess import EvalPreset, apply_steps, eight_bit
@@ -112,6 +113,23 @@ def document_arrays(count: int = 120, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
+def dicom_outcomes(classifier: Classifier, paths: list[Path]) -> dict:
+    """The guard's verdicts on real DICOM files read as uploads are (tags first, then the score)."""
+    from core.pipeline import Refusal, analyse
+
+    outcomes = {"in_range": 0, "borderline": 0, "out_of_range": 0}
+    planes = {}
+    for path in paths:
+        result = analyse(classifier, path.read_bytes(), path.name)
+        if isinstance(result, Refusal):
+            continue
+        outcomes[result.prediction.guard.outcome] += 1
+        planes[result.scan.info.get("orientation", "unknown")] = planes.get(result.scan.info.get("orientation", "unknown"), 0) + 1
+    n = sum(outcomes.values())
+    return {"n": n, "flagged": outcomes["out_of_range"] / n if n else None, "borderline": outcomes["borderline"],
+            "in_range": outcomes["in_range"], "planes": planes}
+
+
 def flag_rate(stats: GuardStats, features: np.ndarray) -> dict:
     """Share of rows the guard flags, and how many were scored."""
     if len(features) == 0:
@@ -133,13 +151,37 @@ class Dataset:
 
 def read_dataset(root: Path, key: str, folder: Path) -> Dataset:
     """A task's folder with the split its card records."""
-    config = read_card(folder / f"{key}.json").training["config"]
+    config = read_card(folder / f"{key}.json").training.config
     _, pixels, sides = recorded_split(read_records(root / get_task(key).data_folder), get_task(key), config)
     return Dataset(pixels, sides)
 
 
-def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray, weights: np.ndarray) -> GuardStats:
-    """Weighted logistic regression, positives against negatives; threshold from validation positives.
+# Thresholds, chosen on validation (never on the test sides they are measured on):
+OWN_REFUSED = 0.01  # at most this share of the model's own validation scans is refused...
+OTHERS_REFUSED = 0.99  # ...and the threshold is as low as refusing this share of other images allows
+OWN_BORDERLINE = 0.05  # this share of its own validation scans is answered with a warning (or refused)
+
+
+def choose_thresholds(own: np.ndarray, others: np.ndarray) -> tuple[float, float, str]:
+    """(refusal threshold, borderline threshold, the rule in words) from validation scores.
+
+    The refusal threshold is as low as possible, so that own scans from other scanners and hospitals
+    (shifted from the training images) still get an answer, while at least `OTHERS_REFUSED` of other
+    images stay refused; never higher than the `OWN_REFUSED` quantile of the model's own scans.
+    """
+    for_others = float(np.quantile(others, OTHERS_REFUSED)) if len(others) else 0.5
+    for_own = float(np.quantile(own, OWN_REFUSED)) if len(own) else 0.5
+    threshold = float(np.clip(min(for_others, for_own), 1e-4, 1 - 1e-4))
+    borderline = max(float(np.quantile(own, OWN_BORDERLINE)) if len(own) else threshold, threshold)
+    rule = (f"refused below {threshold:.3f}: the lowest score that still refuses {OTHERS_REFUSED:.0%} of the other tasks' "
+            f"validation scans and validation documents, capped at the {OWN_REFUSED:.0%} quantile of its own validation "
+            f"scans; borderline below {borderline:.3f} (the {OWN_BORDERLINE:.0%} quantile of its own validation scans)")
+    return threshold, borderline, rule
+
+
+def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray, weights: np.ndarray,
+              others_validation: np.ndarray | None = None) -> tuple[GuardStats, str]:
+    """Weighted logistic regression, positives against negatives; thresholds from validation (`choose_thresholds`).
 
     Args:
         positive: Features (P, D) of the model's own training images.
@@ -147,6 +189,10 @@ def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray
         validation: Features of the model's own validation images.
         weights: (M,) relative weight of each negative; the positives together weigh as much as
             all negatives together.
+        others_validation: Features of other images not used to fit (other tasks' validation sides, documents).
+
+    Returns:
+        (the guard, its threshold rule in words).
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -159,8 +205,9 @@ def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray
     model.fit((features - mean) / scale, labels, sample_weight=sample_weight)
     stats = GuardStats(mean.astype(np.float32), scale.astype(np.float32), model.coef_[0].astype(np.float32),
                        float(model.intercept_[0]), 0.5)
-    threshold = float(np.quantile(stats.belonging(validation), VAL_QUANTILE))
-    return GuardStats(stats.mean, stats.scale, stats.weight, stats.bias, threshold)
+    others = stats.belonging(others_validation) if others_validation is not None else np.zeros(0)
+    threshold, borderline, rule = choose_thresholds(stats.belonging(validation), others)
+    return GuardStats(stats.mean, stats.scale, stats.weight, stats.bias, threshold, borderline), rule
 
 
 def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
@@ -175,11 +222,12 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     photos_test = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[1::2], seed=2)]
     docs_fit = [_to_model_pixels(a, reference) for a in document_arrays(80, seed=1)]
     docs_test = [_to_model_pixels(a, reference) for a in document_arrays(120, seed=2)]
+    docs_val = [_to_model_pixels(a, reference) for a in document_arrays(60, seed=3)]
     results = {}
     non_medical_weight = args.non_medical_weight or NON_MEDICAL_WEIGHT
     for key in keys:
         spec = get_task(key)
-        classifier = load_model(spec, folder / f"{key}.safetensors")
+        classifier = load_model(spec, folder / f"{key}.safetensors", require_guard=False)  # the guard is what is being fitted
         own = datasets[key]
         positive = features_of(classifier, own.side("train", args.fit_images, 0))
         others = {k: d for k, d in datasets.items() if get_task(k).data_folder != spec.data_folder}
@@ -188,9 +236,15 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         negative = features_of(classifier, medical + non_medical)
         # Photos and documents are few next to the other tasks' scans; weigh each of them more.
         weights = np.concatenate([np.ones(len(medical)), np.full(len(non_medical), non_medical_weight)])
-        stats = fit_stats(positive, negative, features_of(classifier, own.side("val", None, 0)), weights)
+        others_validation = features_of(classifier, [p for d in others.values() for p in d.side("val", args.other_images, 0)]
+                                        + [p for p in docs_val if p is not None])
+        stats, rule = fit_stats(positive, negative, features_of(classifier, own.side("val", None, 0)), weights,
+                                others_validation)
+        own_test = features_of(classifier, own.side("test", None, 0))
         measured = {
-            "right_task_test": flag_rate(stats, features_of(classifier, own.side("test", None, 0))),
+            "right_task_test": flag_rate(stats, own_test),
+            "right_task_test_borderline": flag_rate(
+                dataclasses.replace(stats, threshold=stats.borderline or stats.threshold), own_test),
             "other_tasks_test": {
                 k: flag_rate(stats, features_of(classifier, d.side("test", args.test_images, 0))) for k, d in others.items()
             },
@@ -198,6 +252,8 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             "documents_screenshots_held_out": flag_rate(
                 stats, features_of(classifier, [p for p in docs_test if p is not None])),
         }
+        if spec.ct_window is not None and (args.data_root / "dicom_ct").is_dir():
+            measured["dicom_ct_slices"] = dicom_outcomes(classifier, sorted((args.data_root / "dicom_ct").glob("*.dcm")))
         parts = list(measured["other_tasks_test"].values())
         measured["other_tasks_all"] = {
             "flagged": sum(p["flagged"] * p["n"] for p in parts) / max(sum(p["n"] for p in parts), 1),
@@ -214,17 +270,19 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
                 "DICOM Modality / BodyPartExamined checked first where present; then a logistic 'belongs' score on this "
                 f"model's penultimate features, fitted on {len(positive)} of its training images against "
                 f"{len(negative)} training images of the other tasks, scikit-image photos ({len(PHOTOS[::2])} "
-                f"of them, whole, mirrored and {FIT_CROPS} crops each) and synthetic documents/screenshots; flagged below "
-                f"{stats.threshold:.3f} (the {VAL_QUANTILE:.0%} quantile of its validation images); photos and documents "
-                f"weigh {non_medical_weight:g} times a scan among the negatives"
+                f"of them, whole, mirrored and {FIT_CROPS} crops each) and synthetic documents/screenshots; photos and "
+                f"documents weigh {non_medical_weight:g} times a scan among the negatives; {rule}"
             ),
             "threshold": stats.threshold,
+            "borderline": stats.borderline,
             "measured": measured,
             "measured_on": ("own test split; other tasks' test splits (seeded sample); the other "
                             f"{len(PHOTOS[1::2])} scikit-image photos (whole, mirrored, cropped); "
-                            "documents/screenshots drawn with another seed"),
+                            "documents/screenshots drawn with another seed; for CT models the real chest CT DICOM "
+                            "slices of dicom_ct (read as an upload is)"),
             "command": "python -m core.lab.guard_fit " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
+        card.log(f"guard: {card.guard.command}")
         write_card(card, folder / f"{key}.json")
         results[key] = measured
         logger.info("%s guard: %s", key, json.dumps(measured))

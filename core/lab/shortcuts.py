@@ -104,7 +104,7 @@ def audit(classifier: Classifier, images: list[np.ndarray], labels: list[str], c
         The card's `shortcuts` section.
     """
     spec, card = classifier.spec, classifier.card
-    method = method or card.explanations.get("default_method", DEFAULT_METHOD)
+    method = method or (card.explanations.default_method if card.explanations is not None else DEFAULT_METHOD)
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}")
     targets = np.asarray([spec.label_index(label) for label in labels])

@@ -31,8 +31,8 @@ Where the data has no patient IDs (brain_mri, ct_cancer) the section defines the
 (`UNVALIDATED`) and says it was not validated per patient. The figures come only from this
 command: rerun it after retraining a model.
 
-`score_patients` is what `python -m core.evaluate --by patient` prints: the card's study call
-(`core.study.call_study`, the same as the app's) scored on any labelled folder with patients.
+Grouping slices into patients and the patient-level figures live in `core.lab.patients` (shared with
+`python -m core.evaluate --by patient`).
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ import argparse
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from core.decision import log_odds, positive_mask
 from core.lab.data import Record, recorded_split
-from core.lab.evaluate import Scores, card_section_parser, run_card_section, score_records
+from core.lab.evaluate import card_section_parser, run_card_section, score_records
+from core.lab.patients import RESAMPLES, SEED, Patient, group_patients, patient_figures, rates, roc_auc
 from core.models import Classifier
 from core.study import (
     StudyRule,
@@ -57,7 +57,6 @@ from core.study import (
     figure_text,
     finding_study_reliability,
     pooled_features,
-    study_rule,
 )
 from core.tasks import TASKS, TaskSpec
 
@@ -74,61 +73,9 @@ CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 UNVALIDATED: tuple[str, dict[str, Any]] = ("top_k_mean", {"k": 3})  # a single outlying slice does not decide
 MIN_SENSITIVITY = 0.95
-RESAMPLES = 2000
-SEED = 0
 LOGISTIC_C = 1.0  # L2 strength of the logistic aggregation: few validation patients, so a strong prior
 NO_PATIENTS = ("the data has no patient IDs, so its slices cannot be grouped into studies: the study call could not be "
                "chosen or measured per patient")
-
-
-@dataclass(frozen=True)
-class Patient:
-    """One patient's slices as one study.
-
-    Attributes:
-        key: The manifest's patient ID.
-        positive: Whether any slice is of the thresholded class (or group).
-        findings: bool (F,): whether any slice has each finding.
-        probabilities: float (n, C) calibrated class probabilities per slice, in slice order.
-        finding_probabilities: float (n, F).
-    """
-
-    key: str
-    positive: bool
-    findings: np.ndarray
-    probabilities: np.ndarray
-    finding_probabilities: np.ndarray
-
-
-def group_patients(records: Sequence[Record], scores: Scores, spec: TaskSpec, positive: str) -> list[Patient]:
-    """Scored slices -> one `Patient` per patient ID, slices in the manifest's `slice` order (else as listed).
-
-    Raises:
-        ValueError: If a record has no patient ID.
-    """
-    missing = [r.rel for r in records if not r.patient]
-    if missing:
-        raise ValueError(f"{len(missing)} images have no patient ID (e.g. {missing[0]}): cannot group them into studies")
-    members = positive_mask(spec.labels, positive)
-    by_patient: dict[str, list[int]] = {}
-    for i, record in enumerate(records):
-        by_patient.setdefault(str(record.patient), []).append(i)
-    patients = []
-    for key, rows in by_patient.items():
-        rows.sort(key=lambda i: (_slice_number(records[i]), i))
-        patients.append(Patient(
-            key, bool(members[scores.targets[rows]].any()),
-            scores.finding_targets[rows].astype(bool).any(axis=0) if len(spec.findings) else np.zeros(0, bool),
-            scores.probabilities[rows], scores.finding_probabilities[rows]))
-    return patients
-
-
-def _slice_number(record: Record) -> float:
-    value = dict(record.columns).get("slice")
-    try:
-        return float(value) if value not in (None, "") else math.inf
-    except ValueError:
-        return math.inf
 
 
 def _rule(spec: TaskSpec, positive: str, label: str | None, name: str, params: dict[str, Any],
@@ -187,82 +134,12 @@ def choose_threshold(scores: np.ndarray, truth: np.ndarray, min_sensitivity: flo
     return float(np.clip(1.0 / (1.0 + math.exp(-(top + bottom) / 2.0)), 1e-6, 1.0 - 1e-6))
 
 
-def _auc(truth: np.ndarray, scores: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(truth, scores)) if truth.any() and not truth.all() else None
-
-
-def _rates(truth: np.ndarray, called: np.ndarray) -> tuple[float | None, float | None]:
-    sens = float(called[truth].mean()) if truth.any() else None
-    spec_ = float((~called[~truth]).mean()) if (~truth).any() else None
-    return sens, spec_
-
-
-def patient_figures(scores: np.ndarray, truth: np.ndarray, called: np.ndarray, resamples: int = RESAMPLES,
-                    seed: int = SEED) -> dict[str, Any]:
-    """ROC-AUC of the study scores, sensitivity and specificity of the calls, each with a 95% bootstrap interval.
-
-    Args:
-        scores: float (N,) study scores, one per patient.
-        truth: bool (N,) positive patients.
-        called: bool (N,) patients called positive.
-        resamples: Bootstrap resamples of patients (with replacement); 0: no intervals.
-        seed: Random seed.
-
-    Returns:
-        {patients, positives, roc_auc, sensitivity, specificity: {estimate, low, high}} (None where
-        a side has no patient).
-    """
-    scores, truth, called = np.asarray(scores, np.float64), np.asarray(truth, bool), np.asarray(called, bool)
-    sens, spec_ = _rates(truth, called)
-    estimates = {"roc_auc": _auc(truth, scores), "sensitivity": sens, "specificity": spec_}
-    draws: dict[str, list[float]] = {name: [] for name in estimates}
-    rng = np.random.default_rng(seed)
-    for _ in range(resamples if len(truth) else 0):
-        pick = rng.integers(0, len(truth), len(truth))
-        t, s, c = truth[pick], scores[pick], called[pick]
-        auc = _auc(t, s)
-        if auc is not None:
-            draws["roc_auc"].append(auc)
-        se, sp = _rates(t, c)
-        if se is not None:
-            draws["sensitivity"].append(se)
-        if sp is not None:
-            draws["specificity"].append(sp)
-    out: dict[str, Any] = {"patients": int(len(truth)), "positives": int(truth.sum())}
-    for name, estimate in estimates.items():
-        values = draws[name]
-        low, high = (np.percentile(values, [2.5, 97.5]) if values and estimate is not None else (None, None))
-        out[name] = {"estimate": estimate, "low": None if low is None else float(low),
-                     "high": None if high is None else float(high)}
-    # A percentile bootstrap of a proportion at 0 or 1 collapses to a point (7 of 7 resampled is still 7 of 7):
-    # the exact binomial interval says how little a handful of patients shows.
-    for name, hits, total in (("sensitivity", int(called[truth].sum()), int(truth.sum())),
-                              ("specificity", int((~called[~truth]).sum()), int((~truth).sum()))):
-        out[name]["count"] = f"{hits}/{total}"
-        out[name]["exact_low"], out[name]["exact_high"] = clopper_pearson(hits, total)
-    return out
-
-
-def clopper_pearson(hits: int, total: int, level: float = 0.95) -> tuple[float | None, float | None]:
-    """The exact (Clopper-Pearson) interval of a proportion hits / total; (None, None) without cases."""
-    from scipy.stats import beta
-
-    if total == 0:
-        return None, None
-    alpha = 1.0 - level
-    low = 0.0 if hits == 0 else float(beta.ppf(alpha / 2, hits, total - hits + 1))
-    high = 1.0 if hits == total else float(beta.ppf(1 - alpha / 2, hits + 1, total - hits))
-    return low, high
-
-
 def _candidate(name: str, params: dict[str, Any], scores: np.ndarray, truth: np.ndarray, subject: str) -> dict[str, Any]:
     threshold = choose_threshold(scores, truth)
-    sens, spec_ = _rates(truth, scores >= threshold)
+    sens, spec_ = rates(truth, scores >= threshold)
     return {"name": name, "params": params, "rule": describe_aggregation(name, params, subject) if name != "logistic"
             else describe_aggregation(name, params, subject) + " (scored leave-one-patient-out)",
-            "validation": {"roc_auc": _auc(truth, scores), "threshold": threshold, "sensitivity": sens,
+            "validation": {"roc_auc": roc_auc(truth, scores), "threshold": threshold, "sensitivity": sens,
                            "specificity": spec_}}
 
 
@@ -331,7 +208,7 @@ def calibrate(classifier: Classifier, records: list[Record], args: argparse.Name
                 "threshold": threshold, "threshold_rule": f"{how}; not chosen on patients", "indeterminate": {},
                 "validated": False, "reason": NO_PATIENTS, "findings": {}}
 
-    records, images, sides = recorded_split(records, spec, card.training.get("config", {}))
+    records, images, sides = recorded_split(records, spec, card.training.config if card.training is not None else {})
     patients_by_side: dict[str, list[Patient]] = {}
     counts: dict[str, dict[str, int]] = {}
     members = positive_mask(spec.labels, positive)
@@ -383,7 +260,7 @@ def finding_section(classifier: Classifier, val: Sequence[Patient], test: Sequen
     spec, card = classifier.spec, classifier.card
     out = {}
     for j, name in enumerate(spec.findings):
-        threshold = float(card.findings[name]["threshold"])
+        threshold = card.findings[name].threshold
         entry: dict[str, Any] = {"aggregation": "max", "threshold": threshold,
                                  "threshold_rule": "the finding's slice threshold: present when any slice reaches it"}
         for side, patients in (("validation", val), ("test", test)):
@@ -418,50 +295,6 @@ def describe(section: dict[str, Any], key: str) -> str:
         lines.append(f"  finding {name}: validation {entry['validation']['positives']} positive, test "
                      f"{entry['test']['positives']} positive; test {figure_text(entry['test'])}"
                      + (f"; unreliable: {entry['unreliable']}" if entry["unreliable"] else ""))
-    return "\n".join(lines)
-
-
-def score_patients(classifier: Classifier, records: Sequence[Record], scores: Scores,
-                   resamples: int = RESAMPLES) -> dict[str, Any]:
-    """The card's study call scored per patient on labelled slices (what `core.evaluate --by patient` prints).
-
-    Raises:
-        ValueError: Records without patient IDs, or a study rule without a thresholded class.
-    """
-    spec = classifier.spec
-    rule = study_rule(classifier.card, spec)
-    if rule.positive is None:
-        raise ValueError(f"the study rule of {spec.key} has no thresholded class or group: write its card's study "
-                         "section first (python -m core.lab.study --absent CLASS)")
-    patients = group_patients(records, scores, spec, rule.positive)
-    calls = [call_study(rule, spec, p.probabilities, p.finding_probabilities) for p in patients]
-    truth = np.array([p.positive for p in patients])
-    study_scores_ = np.array([c.score for c in calls])
-    called = np.array([c.prediction.called_positive for c in calls])
-    out: dict[str, Any] = {"unit": "patient", "rule": rule.describe(), "validated": rule.validated,
-                           "threshold": rule.threshold, **patient_figures(study_scores_, truth, called, resamples),
-                           "accuracy": float((truth == called).mean()) if len(truth) else None}
-    if spec.findings:
-        out["findings"] = {}
-        for j, name in enumerate(spec.findings):
-            finding_truth = np.array([p.findings[j] for p in patients], dtype=bool)
-            probability = np.array([c.prediction.findings[j].probability for c in calls])
-            present = np.array([c.prediction.findings[j].above_threshold for c in calls])
-            out["findings"][name] = {"threshold": rule.findings[name].threshold,
-                                     "unreliable": rule.findings[name].unreliable,
-                                     **patient_figures(probability, finding_truth, present, resamples)}
-    return out
-
-
-def format_patients(metrics: dict[str, Any], title: str) -> str:
-    """`score_patients` as readable lines."""
-    lines = [title, f"  study call: {metrics['rule']}" + ("" if metrics["validated"] else " (not validated per patient)"),
-             f"  patients {metrics['patients']} ({metrics['positives']} positive), accuracy "
-             f"{'n/a' if metrics['accuracy'] is None else format(metrics['accuracy'], '.4f')}",
-             f"  {figure_text(metrics)}"]
-    for name, row in (metrics.get("findings") or {}).items():
-        lines.append(f"  finding {name}: {row['positives']} positive patients; {figure_text(row)}"
-                     + (f" (unreliable: {row['unreliable']})" if row["unreliable"] else ""))
     return "\n".join(lines)
 
 

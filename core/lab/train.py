@@ -1002,19 +1002,20 @@ def recalibrate(spec: TaskSpec, args: argparse.Namespace, argv: list[str], runti
     if sha256_file(weights) != card.sha256:
         raise SystemExit(f"error: {weights} does not match its card's sha256; recalibrate only the file the card describes")
     spec = recipe_spec(spec, card.arch, tuple(card.preprocessing))
-    records, images, sides = recorded_split(read_records(args.data), spec, card.training.get("config", {}))
-    split = split_from_sides(spec, records, images, sides, card.split, card.split.get("method", ""))
+    records, images, sides = recorded_split(read_records(args.data), spec, card.training.config)
+    split = split_from_sides(spec, records, images, sides, card.split.to_dict(), card.split.method)
     scored = calibrate_and_score(spec, weights, make_loaders(spec, split, args, runtime), args, card.arch)
     card.positive = spec.positive
     card.temperature, card.threshold, card.threshold_rule = scored["temperature"], scored["threshold"], scored["threshold_rule"]
     card.metrics = {"split": "test", **scored["metrics"]}
     card.validation = scored["validation"]
     card.findings = scored.get("findings", {})
-    card.training["calibration"] = {"command": "python -m core.train " + " ".join(shlex.quote(a) for a in argv),
-                                    "git_commit": provenance["git_commit"]}
+    command = "python -m core.train " + " ".join(shlex.quote(a) for a in argv)
+    card.training.calibration = {"command": command, "git_commit": provenance["git_commit"]}
+    card.log(f"recalibrated: {command}")
     write_card(card, card_path)
     logger.info("recalibrated %s: threshold %s (%s), test accuracy %.4f", spec.key, card.threshold, card.threshold_rule,
-                card.metrics["accuracy"])
+                card.metrics.accuracy)
 
 
 def parse_steps(value: str | None) -> tuple[str, ...] | None:
@@ -1083,6 +1084,7 @@ def train_and_record(args: argparse.Namespace, argv: list[str], runtime: Runtime
         findings=scored.get("findings", {}),
     )
     card.sha256 = sha256_file(weights)
+    card.log(f"trained: {card.training.command}")
     write_card(card, weights.with_suffix(".json"))
     m = scored["metrics"]
     logger.info("wrote %s: test accuracy %.4f, balanced %.4f, macro-F1 %.4f, AUC %s", weights, m["accuracy"],
