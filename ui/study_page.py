@@ -52,6 +52,8 @@ STUDY_MODALITIES = frozenset({"CT", "MR"})  # models that read slices of a serie
 MAX_ANALYSES = 2  # series analyses a session keeps (the one shown and the one before)
 STRIP_CONFIG = {"displayModeBar": False}  # nothing to zoom: a click picks a slice
 KEY_COLOR, SLICE_COLOR, SHOWN_COLOR = "#d62728", "#9e9e9e", "#1f77b4"
+LINE_COLOR = "#8c8c8c"  # the guard's marks: visible on the light and the dark theme
+SLICE_THRESHOLD_COLOR = "#17becf"
 
 
 @dataclass(frozen=True)
@@ -145,10 +147,10 @@ def strip_figure(analysis: StudyAnalysis, shown: int) -> go.Figure:
         name=f"P({subject})", hovertemplate="slice %{x}<br>%{y:.1%}<extra></extra>"))
     if refused:
         figure.add_trace(go.Scatter(x=[i + 1 for i in refused], y=[1.02] * len(refused), mode="markers",
-                                    marker=dict(symbol="x", size=7, color="black"), name="outside the guard's range",
+                                    marker=dict(symbol="x", size=7, color=LINE_COLOR), name="outside the guard's range",
                                     hoverinfo="skip"))
     if rule.positive == card.positive and card.threshold is not None:
-        figure.add_hline(y=card.threshold, line=dict(dash="dash", color="black", width=1))
+        figure.add_hline(y=card.threshold, line=dict(dash="dash", color=SLICE_THRESHOLD_COLOR, width=1.5))
     if rule.threshold is not None:
         figure.add_hline(y=rule.threshold, line=dict(dash="dot", color=KEY_COLOR, width=1.5))
     figure.add_vline(x=shown + 1, line=dict(color=SHOWN_COLOR, width=1))
@@ -164,7 +166,7 @@ def strip_legend(analysis: StudyAnalysis) -> str:
     card, rule = analysis.classifier.card, analysis.rule
     parts = ["Per-slice probability; red bars: key slices; outlined: the slice shown; click a bar to show it"]
     if rule.positive == card.positive and card.threshold is not None:
-        parts.append(f"dashed: the slice model's threshold {card.threshold:.2f}")
+        parts.append(f"dashed blue: the slice model's threshold {card.threshold:.2f}")
     if rule.threshold is not None:
         parts.append(f"dotted red: the study threshold {rule.threshold:.2f} (it applies to the study score, "
                      f"{analysis.call.score:.2f} here, not to any one slice)")
