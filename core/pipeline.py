@@ -26,7 +26,7 @@ import torch
 
 from core.decision import Prediction, predict
 from core.explain import DEFAULT_METHOD, METHODS, Faithfulness, compute_cam, road_score
-from core.guard import check_tags
+from core.guard import TagCheck, read_tags
 from core.imaging import Scan, ScanError, read_scan
 from core.models import Classifier
 from core.preprocess import EvalPreset, ModelInput
@@ -261,7 +261,7 @@ def analyse(classifier: Classifier, data: bytes, filename: str | None = None) ->
     scan, model_input = prepared
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        prediction = predict(classifier, model_input.tensor, [check_tags(scan, classifier.spec)])[0]
+        prediction = predict(classifier, model_input.tensor, [read_tags(scan, classifier.spec)])[0]
     except Exception as exc:  # noqa: BLE001 - the caller must survive any file; the type is logged, not the file
         logger.error("upload %s failed for %s: %s", short_digest(sha256), classifier.spec.key, type(exc).__name__)
         return Refusal("error", f"internal error: {type(exc).__name__}", short_digest(sha256))
@@ -287,7 +287,7 @@ def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes |
     (an OSError in place of the bytes: an error; a Refusal in place of the bytes, e.g. an archive
     member that was not unpacked: passed on) and never stops the rest.
     """
-    pending: list[tuple[str, str, torch.Tensor, str | None]] = []
+    pending: list[tuple[str, str, torch.Tensor, TagCheck]] = []
 
     def flush() -> Iterator[tuple[str, Answer | Refusal]]:
         if not pending:
@@ -321,7 +321,7 @@ def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes |
             yield name, prepared
             continue
         scan, model_input = prepared
-        pending.append((name, upload_digest(data), model_input.tensor, check_tags(scan, classifier.spec)))
+        pending.append((name, upload_digest(data), model_input.tensor, read_tags(scan, classifier.spec)))
         del scan, model_input, prepared
         if len(pending) >= batch_size:
             yield from flush()
@@ -331,9 +331,9 @@ def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes |
 def predict_scans(classifier: Classifier, scans: Iterable[Scan], batch_size: int = BATCH_SIZE) -> list[Prediction]:
     """Predictions for scans already read (the slices of a study, a test's synthetic scans), in batches."""
     preset, out = EvalPreset(classifier.spec), []
-    pending: list[tuple[torch.Tensor, str | None]] = []
+    pending: list[tuple[torch.Tensor, TagCheck]] = []
     for scan in scans:
-        pending.append((preset(scan).tensor, check_tags(scan, classifier.spec)))
+        pending.append((preset(scan).tensor, read_tags(scan, classifier.spec)))
         if len(pending) >= batch_size:
             out += predict(classifier, torch.cat([t for t, _ in pending]), [r for _, r in pending])
             pending.clear()

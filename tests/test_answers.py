@@ -109,3 +109,16 @@ def test_every_default_map_is_non_empty_and_mostly_on_the_body(key: str) -> None
             heatmap = compute_cam(classifier, prepared.tensor, spec.output_index(output), method)
             assert heatmap.max() > 0, (key, output, method, seed)
             assert mass_inside(heatmap, truth) >= 0.8, (key, output, method, seed, mass_inside(heatmap, truth))
+
+
+def test_a_dicom_whose_tags_confirm_the_model_is_borderline_not_refused_on_its_score() -> None:
+    """A real scanner's chest CT (modality CT, body part CHEST) may look unlike exported training slices: a low
+    score makes it borderline with the reason; the same score on a PNG (no tags) is refused; wrong tags refuse."""
+    from core.guard import TagCheck
+
+    stats = GuardStats(np.zeros(2, np.float32), np.ones(2, np.float32), np.zeros(2, np.float32), 0.0, 0.30, 0.60)
+    spec = TASKS["ct_covid"]
+    confirmed = judge(stats, 0.05, spec, TagCheck(confirms=True))
+    assert confirmed.outcome == "borderline" and "DICOM tags say" in confirmed.reason and "5%" in confirmed.reason
+    assert judge(stats, 0.05, spec, TagCheck()).refused
+    assert judge(stats, 0.95, spec, TagCheck("the DICOM file says the body part is HEAD")).refused

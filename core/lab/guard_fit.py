@@ -174,8 +174,10 @@ def choose_thresholds(own: np.ndarray, others: np.ndarray) -> tuple[float, float
     threshold = float(np.clip(min(for_others, for_own), 1e-4, 1 - 1e-4))
     borderline = max(float(np.quantile(own, OWN_BORDERLINE)) if len(own) else threshold, threshold)
     rule = (f"refused below {threshold:.3f}: the lowest score that still refuses {OTHERS_REFUSED:.0%} of the other tasks' "
-            f"validation scans and validation documents, capped at the {OWN_REFUSED:.0%} quantile of its own validation "
-            f"scans; borderline below {borderline:.3f} (the {OWN_BORDERLINE:.0%} quantile of its own validation scans)")
+            f"validation scans, validation documents and photo crops, capped at the {OWN_REFUSED:.0%} quantile of its own "
+            f"validation scans; borderline below {borderline:.3f} (the {OWN_BORDERLINE:.0%} quantile of its own "
+            "validation scans); a DICOM whose tags confirm the model's modality and body part is borderline, not refused, "
+            "below the threshold")
     return threshold, borderline, rule
 
 
@@ -223,6 +225,8 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     docs_fit = [_to_model_pixels(a, reference) for a in document_arrays(80, seed=1)]
     docs_test = [_to_model_pixels(a, reference) for a in document_arrays(120, seed=2)]
     docs_val = [_to_model_pixels(a, reference) for a in document_arrays(60, seed=3)]
+    # other crops of the fitting photos, drawn with another seed: for choosing thresholds, never for measuring
+    photos_val = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[::2], seed=3)]
     results = {}
     non_medical_weight = args.non_medical_weight or NON_MEDICAL_WEIGHT
     for key in keys:
@@ -237,7 +241,7 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         # Photos and documents are few next to the other tasks' scans; weigh each of them more.
         weights = np.concatenate([np.ones(len(medical)), np.full(len(non_medical), non_medical_weight)])
         others_validation = features_of(classifier, [p for d in others.values() for p in d.side("val", args.other_images, 0)]
-                                        + [p for p in docs_val if p is not None])
+                                        + [p for p in docs_val + photos_val if p is not None])
         stats, rule = fit_stats(positive, negative, features_of(classifier, own.side("val", None, 0)), weights,
                                 others_validation)
         own_test = features_of(classifier, own.side("test", None, 0))
