@@ -162,19 +162,21 @@ OTHERS_REFUSED = 0.99  # ...and the threshold is as low as refusing this share o
 OWN_BORDERLINE = 0.05  # this share of its own validation scans is answered with a warning (or refused)
 
 
-def choose_thresholds(own: np.ndarray, others: np.ndarray) -> tuple[float, float, str]:
+def choose_thresholds(own: np.ndarray, others: dict[str, np.ndarray]) -> tuple[float, float, str]:
     """(refusal threshold, borderline threshold, the rule in words) from validation scores.
 
     The refusal threshold is as low as possible, so that own scans from other scanners and hospitals
-    (shifted from the training images) still get an answer, while at least `OTHERS_REFUSED` of other
-    images stay refused; never higher than the `OWN_REFUSED` quantile of the model's own scans.
+    (shifted from the training images) still get an answer, while at least `OTHERS_REFUSED` of each
+    group of other images (other tasks' scans, documents, photos) stays refused; never higher than the
+    `OWN_REFUSED` quantile of the model's own scans.
     """
-    for_others = float(np.quantile(others, OTHERS_REFUSED)) if len(others) else 0.5
+    groups = [scores for scores in others.values() if len(scores)]
+    for_others = max(float(np.quantile(scores, OTHERS_REFUSED)) for scores in groups) if groups else 0.5
     for_own = float(np.quantile(own, OWN_REFUSED)) if len(own) else 0.5
     threshold = float(np.clip(min(for_others, for_own), 1e-4, 1 - 1e-4))
     borderline = max(float(np.quantile(own, OWN_BORDERLINE)) if len(own) else threshold, threshold)
-    rule = (f"refused below {threshold:.3f}: the lowest score that still refuses {OTHERS_REFUSED:.0%} of the other tasks' "
-            f"validation scans, validation documents and photo crops, capped at the {OWN_REFUSED:.0%} quantile of its own "
+    rule = (f"refused below {threshold:.3f}: the lowest score that still refuses {OTHERS_REFUSED:.0%} of each of the "
+            f"other tasks' validation scans, validation documents and photo crops, capped at the {OWN_REFUSED:.0%} quantile of its own "
             f"validation scans; borderline below {borderline:.3f} (the {OWN_BORDERLINE:.0%} quantile of its own "
             "validation scans); a DICOM whose tags confirm the model's modality and body part is borderline, not refused, "
             "below the threshold")
@@ -182,7 +184,7 @@ def choose_thresholds(own: np.ndarray, others: np.ndarray) -> tuple[float, float
 
 
 def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray, weights: np.ndarray,
-              others_validation: np.ndarray | None = None) -> tuple[GuardStats, str]:
+              others_validation: dict[str, np.ndarray] | None = None) -> tuple[GuardStats, str]:
     """Weighted logistic regression, positives against negatives; thresholds from validation (`choose_thresholds`).
 
     Args:
@@ -191,7 +193,8 @@ def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray
         validation: Features of the model's own validation images.
         weights: (M,) relative weight of each negative; the positives together weigh as much as
             all negatives together.
-        others_validation: Features of other images not used to fit (other tasks' validation sides, documents).
+        others_validation: Features of other images not used to fit, by group (other tasks' validation sides,
+            documents, photo crops).
 
     Returns:
         (the guard, its threshold rule in words).
@@ -207,7 +210,7 @@ def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray
     model.fit((features - mean) / scale, labels, sample_weight=sample_weight)
     stats = GuardStats(mean.astype(np.float32), scale.astype(np.float32), model.coef_[0].astype(np.float32),
                        float(model.intercept_[0]), 0.5)
-    others = stats.belonging(others_validation) if others_validation is not None else np.zeros(0)
+    others = {name: stats.belonging(features) for name, features in (others_validation or {}).items()}
     threshold, borderline, rule = choose_thresholds(stats.belonging(validation), others)
     return GuardStats(stats.mean, stats.scale, stats.weight, stats.bias, threshold, borderline), rule
 
@@ -240,8 +243,10 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         negative = features_of(classifier, medical + non_medical)
         # Photos and documents are few next to the other tasks' scans; weigh each of them more.
         weights = np.concatenate([np.ones(len(medical)), np.full(len(non_medical), non_medical_weight)])
-        others_validation = features_of(classifier, [p for d in others.values() for p in d.side("val", args.other_images, 0)]
-                                        + [p for p in docs_val + photos_val if p is not None])
+        others_validation = {
+            "scans": features_of(classifier, [p for d in others.values() for p in d.side("val", args.other_images, 0)]),
+            "documents": features_of(classifier, [p for p in docs_val if p is not None]),
+            "photos": features_of(classifier, [p for p in photos_val if p is not None])}
         stats, rule = fit_stats(positive, negative, features_of(classifier, own.side("val", None, 0)), weights,
                                 others_validation)
         own_test = features_of(classifier, own.side("test", None, 0))
