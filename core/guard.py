@@ -104,9 +104,17 @@ class TagCheck:
     confirms: bool = False
 
 
+COLOUR_SHARE = 0.05  # an image with more clearly coloured pixels than this is not a scan
+
+
 def read_tags(scan: Scan, spec: TaskSpec) -> TagCheck:
-    """The tag check of a scan for a model (no tags, e.g. a PNG: neither a reason nor a confirmation)."""
+    """What the file itself says about a model: DICOM tags (modality, body part), or for an ordinary image its
+    colour (X-ray, CT and MRI scans are grey; a photo or an annotated screenshot is not)."""
     if scan.kind != "dicom":
+        share = float(scan.info.get("colour_share", 0.0))
+        if share > COLOUR_SHARE:
+            return TagCheck(f"this is a colour image ({share:.0%} of its pixels clearly coloured); X-ray, CT and MRI "
+                            "scans are grey, so it is probably a photo, a chart or an annotated screenshot")
         return TagCheck()
     modality = scan.modality
     if modality and modality not in spec.modalities:

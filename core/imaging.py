@@ -41,6 +41,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+COLOURED_SPREAD = 40  # a pixel whose R, G and B differ by more than this is clearly coloured
 MAX_PIXELS = 40_000_000  # per 2-D image or DICOM frame, checked before decoding
 MAX_IMAGE_SIDE = 2048  # ordinary images are shrunk to this longest side (DICOM keeps its size)
 MAX_DICOM_BYTES = MAX_UPLOAD_BYTES  # a deflated DICOM may unpack to no more than an upload may hold
@@ -239,7 +240,8 @@ def _read_image(data: bytes) -> Scan:
         if target != (width, height):
             steps.append(f"shrunk from {width} x {height} to {target[0]} x {target[1]} px "
                          f"(longest side at most {MAX_IMAGE_SIDE})")
-        gray = _to_gray(image, target, steps)
+        facts: dict[str, Any] = {}
+        gray = _to_gray(image, target, steps, facts)
         method = _transpose_method(orientation)
         if method is not None:
             gray = gray.transpose(method)
@@ -262,7 +264,7 @@ def _read_image(data: bytes) -> Scan:
     pixels = np.array(gray, dtype=np.float32)  # a writable copy (np.asarray of a Pillow image is read-only)
     if gray.mode == "L":
         pixels /= np.float32(255.0)
-    info = {"format": fmt, "mode": mode, "width": width, "height": height}
+    info = {"format": fmt, "mode": mode, "width": width, "height": height, **facts}
     if pages > 1:
         info["frames"] = pages
     return Scan(pixels=pixels, kind="image", steps=tuple(steps), info=info)
@@ -322,8 +324,10 @@ _COLOUR_MODES = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def _to_gray(image: Any, target: tuple[int, int], steps: list[str]) -> Any:
+def _to_gray(image: Any, target: tuple[int, int], steps: list[str], facts: dict[str, Any] | None = None) -> Any:
     """Pillow image of any mode -> Pillow "L" (8-bit) or "F" (float in [0, 1]) image of `target` size.
+
+    `facts`, where given, gets "colour_share": the share of clearly coloured pixels of a colour image.
 
     Colour and alpha are dealt with in 8 bits and the image is shrunk before anything becomes
     float, so a 40-megapixel RGBA file never exists as a float array.
@@ -350,7 +354,11 @@ def _to_gray(image: Any, target: tuple[int, int], steps: list[str]) -> Any:
     if image.mode in ("RGB", "RGBA"):
         rgb = np.asarray(image.convert("RGB") if image.mode == "RGBA" else image)
         if rgb.size and int(np.ptp(rgb, axis=2).max()) > 12:
-            steps.append("colour image converted to grayscale")
+            # share of clearly coloured pixels: scans are grey; a photo or an annotated screenshot is not
+            colour_share = float((np.ptp(rgb, axis=2) > COLOURED_SPREAD).mean())
+            steps.append(f"colour image converted to grayscale ({colour_share:.0%} of pixels clearly coloured)")
+            if facts is not None:
+                facts["colour_share"] = colour_share
     gray = image.convert("L")
     if alpha is not None and alpha.getextrema()[0] < 255:
         # Compositing on black is multiplying by alpha: luminance is linear in R, G and B.

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from core.cards import read_card, write_card
 from core.lab.data import ScanDataset, read_records, recorded_split
-from core.guard import GuardStats
+from core.guard import GuardStats, read_tags
 from core.imaging import ScanError, read_scan
 from core.models import WEIGHTS_DIR, Classifier, load_model, sha256_file
 from core.preprocess import EvalPreset, apply_steps, eight_bit
@@ -49,7 +49,8 @@ def features_of(classifier: Classifier, images: list[np.ndarray], batch_size: in
 
 
 def _to_model_pixels(array: np.ndarray, spec) -> np.ndarray | None:
-    """An array through PNG bytes and read_scan, as an upload would go."""
+    """An array through PNG bytes and read_scan, as an upload would go; None where the upload is refused before
+    the model (unreadable, or a colour image: `core.guard.read_tags`)."""
     from PIL import Image
 
     if array.dtype != np.uint8:
@@ -60,7 +61,18 @@ def _to_model_pixels(array: np.ndarray, spec) -> np.ndarray | None:
         scan = read_scan(buffer.getvalue(), "upload.png")
     except ScanError:
         return None
+    if read_tags(scan, spec).reason is not None:
+        return None
     return apply_steps(eight_bit(scan, spec), spec.preprocessing)[0]
+
+
+def refusal_rate(stats: GuardStats, classifier: Classifier, pixels: list[np.ndarray | None]) -> dict:
+    """Share of uploads refused: before the model (None: unreadable or a colour image), or by the guard's score."""
+    kept = [p for p in pixels if p is not None]
+    scored = flag_rate(stats, features_of(classifier, kept)) if kept else {"flagged": 0.0, "n": 0}
+    refused = len(pixels) - len(kept) + (scored["flagged"] or 0.0) * len(kept)
+    return {"flagged": refused / len(pixels) if pixels else None, "n": len(pixels),
+            "refused_before_the_model": len(pixels) - len(kept)}
 
 
 def photo_arrays(names: tuple[str, ...], seed: int = 0, crops: int = 4) -> list[np.ndarray]:
@@ -257,9 +269,8 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             "other_tasks_test": {
                 k: flag_rate(stats, features_of(classifier, d.side("test", args.test_images, 0))) for k, d in others.items()
             },
-            "photos_held_out": flag_rate(stats, features_of(classifier, [p for p in photos_test if p is not None])),
-            "documents_screenshots_held_out": flag_rate(
-                stats, features_of(classifier, [p for p in docs_test if p is not None])),
+            "photos_held_out": refusal_rate(stats, classifier, photos_test),
+            "documents_screenshots_held_out": refusal_rate(stats, classifier, docs_test),
         }
         if spec.ct_window is not None and (args.data_root / "dicom_ct").is_dir():
             measured["dicom_ct_slices"] = dicom_outcomes(classifier, sorted((args.data_root / "dicom_ct").glob("*.dcm")))
