@@ -75,8 +75,9 @@ def refusal_rate(stats: GuardStats, classifier: Classifier, pixels: list[np.ndar
             "refused_before_the_model": len(pixels) - len(kept)}
 
 
-def photo_arrays(names: tuple[str, ...], seed: int = 0, crops: int = 4) -> list[np.ndarray]:
-    """scikit-image sample photos: each whole, mirrored and in `crops` random crops."""
+def photo_arrays(names: tuple[str, ...], seed: int = 0, crops: int = 4, grey_copies: bool = False) -> list[np.ndarray]:
+    """scikit-image sample photos: each whole, mirrored and in `crops` random crops; with `grey_copies`, a colour
+    photo's views also in grey (colour photos are refused before the model, grey ones reach the guard's score)."""
     import skimage.data
 
     rng = np.random.default_rng(seed)
@@ -85,12 +86,15 @@ def photo_arrays(names: tuple[str, ...], seed: int = 0, crops: int = 4) -> list[
         image = np.asarray(getattr(skimage.data, name)())
         if image.dtype == bool:
             image = image.astype(np.uint8) * 255
-        out += [image, image[:, ::-1]]
+        views = [image, image[:, ::-1]]
         height, width = image.shape[:2]
         for _ in range(crops):
             h, w = int(height * rng.uniform(0.4, 0.8)), int(width * rng.uniform(0.4, 0.8))
             y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-            out.append(image[y : y + h, x : x + w])
+            views.append(image[y : y + h, x : x + w])
+        out += views
+        if grey_copies and image.ndim == 3:
+            out += [np.round(view[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8) for view in views]
     return out
 
 
@@ -235,13 +239,14 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     keys = args.task or list(TASKS)
     datasets = {key: read_dataset(args.data_root, key, folder) for key in TASKS}
     reference = get_task(keys[0])
-    photos_fit = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[::2], seed=1, crops=FIT_CROPS)]
+    photos_fit = [_to_model_pixels(a, reference)
+                  for a in photo_arrays(PHOTOS[::2], seed=1, crops=FIT_CROPS, grey_copies=True)]
     photos_test = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[1::2], seed=2)]
     docs_fit = [_to_model_pixels(a, reference) for a in document_arrays(80, seed=1)]
     docs_test = [_to_model_pixels(a, reference) for a in document_arrays(120, seed=2)]
     docs_val = [_to_model_pixels(a, reference) for a in document_arrays(60, seed=3)]
     # other crops of the fitting photos, drawn with another seed: for choosing thresholds, never for measuring
-    photos_val = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[::2], seed=3)]
+    photos_val = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[::2], seed=3, grey_copies=True)]
     results = {}
     non_medical_weight = args.non_medical_weight or NON_MEDICAL_WEIGHT
     for key in keys:
