@@ -18,6 +18,7 @@ name, pixels or tags.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import importlib
@@ -26,6 +27,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
@@ -34,9 +36,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core import threads
 from core.explain import COLORMAPS
 from core.tasks import get_task
 
@@ -88,6 +90,28 @@ class Capacity:
             yield
         finally:
             self.active -= 1
+
+
+class Analysts:
+    """The threads that analyse uploads: as many as the thread policy runs computations at once.
+
+    Uploads beyond that wait here, as bytes, not in threads of their own: every thread that has
+    run a model keeps its own malloc arena and OpenMP team, so 16 uploads on 16 threads held
+    twice the memory of the same uploads on 2 (`python -m benchmarks.api`).
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def run(self, function: Callable, *args: object) -> object:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=threads.policy().concurrency, thread_name_prefix="analysis")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(function, *args))
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
 
 def process_name() -> str:
@@ -154,6 +178,7 @@ def create_app(settings: ApiSettings | None = None, registry: ModelRegistry | No
     registry = registry or ModelRegistry(settings.models)
     metrics = Metrics()
     capacity = Capacity(settings.max_concurrent_requests)
+    analysts = Analysts()
     require_token = _token_check(settings)
 
     @asynccontextmanager
@@ -162,6 +187,7 @@ def create_app(settings: ApiSettings | None = None, registry: ModelRegistry | No
             logger.warning("SECONDLOOK_API_TOKEN is not set: the API answers every client that can reach it")
         registry.start()
         yield
+        analysts.shutdown()
 
     app = FastAPI(title="SecondLook API", version=VERSION, lifespan=lifespan, default_response_class=SafeJSONResponse,
                   description="A second opinion on medical images over HTTP: the same pipeline, models and decisions "
@@ -228,7 +254,7 @@ def create_app(settings: ApiSettings | None = None, registry: ModelRegistry | No
                           opacity=opacity, pacs_ready=pacs_ready)
         options.check(classifier)
         upload = await read_upload(request.headers, request.stream(), settings.max_request_bytes, filename)
-        result = await run_in_threadpool(answer, classifier, upload, options)
+        result = await analysts.run(answer, classifier, upload, options)
         if result.dicom is not None:
             return Response(result.dicom, media_type="application/dicom",
                             headers={"Content-Disposition": f'attachment; filename="{result.filename}"'})
@@ -244,7 +270,7 @@ def create_app(settings: ApiSettings | None = None, registry: ModelRegistry | No
                                                  "time to /v1/predict/{key}.")
         classifier = registry.get(key)
         upload = await read_upload(request.headers, request.stream(), settings.max_request_bytes, filename)
-        rows = await run_in_threadpool(module.study_rows, classifier, upload.data, upload.filename or "")
+        rows = await analysts.run(module.study_rows, classifier, upload.data, upload.filename or "")
         return SafeJSONResponse({"model": model_identity(classifier), "series": rows})
 
     app.include_router(v1)
