@@ -44,8 +44,10 @@ class ModelRegistry:
                     classifier = load_model(get_task(key))
                     size = classifier.spec.input_size
                     classifier.runner.logits(torch.zeros(1, 3, size, size))  # first pass allocates; not on a request
-                except (WeightsError, ValueError, OSError) as exc:
-                    logger.error("model %s failed to load: %s", key, exc)
+                except Exception as exc:  # noqa: BLE001 - one model that cannot load must not keep the others out
+                    # the loader's own errors name the file and what is wrong with it; anything else by its type
+                    said = exc if isinstance(exc, (WeightsError, ValueError, OSError)) else type(exc).__name__
+                    logger.error("model %s failed to load: %s", key, said)
                     with self._lock:
                         self._failed[key] = type(exc).__name__
                     continue
