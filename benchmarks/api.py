@@ -303,9 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     configurations = [lambda: uvicorn_server(args.model, 1), lambda: uvicorn_server(args.model, 2)]
     if not args.no_ray:
         configurations += [lambda: ray_server(args.model, 1, 2), lambda: ray_server(args.model, 2, 1)]
+    load_before = os.getloadavg()
     for start in configurations:
         with start() as running:
             rows += bench(running, args.model, files, args.quick)
+    print("in-process reference again...", file=sys.stderr, flush=True)
+    again = in_process(args.model, files)
+    load_after = os.getloadavg()
+    # the stricter of the two: the lower per-image time of the command line
+    reference = {key: min(reference[key], again[key]) for key in reference}
+    print(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after; the command line measured "
+          f"before and after the servers, the lower figure kept")
     print(report(rows, reference))
     missed = check_targets(rows, reference)
     for line in missed:
