@@ -102,11 +102,14 @@ class Refusal:
             for the reader) or "error" (something failed here; the reason names only the error type).
         reason: The message for the reader.
         digest: The upload's short hash.
+        kind: For a rejected file, why, for a machine (`core.imaging.ScanError.kind`): "unreadable",
+            "too_large" or "unsupported_format" (the HTTP API's 400, 413 or 415).
     """
 
     status: str
     reason: str
     digest: str = ""
+    kind: str = "unreadable"
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,7 @@ def prepare(data: bytes, filename: str | None, classifier: Classifier) -> tuple[
         return scan, EvalPreset(classifier.spec)(scan)
     except ScanError as exc:
         logger.info("upload %s rejected for %s", digest, classifier.spec.key)
-        return Refusal("rejected", str(exc), digest)
+        return Refusal("rejected", str(exc), digest, exc.kind)
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the rest; the type is logged, not the file
         logger.error("upload %s failed for %s: %s", digest, classifier.spec.key, type(exc).__name__)
         return Refusal("error", f"internal error: {type(exc).__name__}", digest)
