@@ -16,7 +16,7 @@ import torch
 
 from core.calibration import output_probabilities
 from core.cards import BandCard, FindingCard, ModelCard
-from core.guard import GuardVerdict, judge
+from core.guard import GuardVerdict, TagCheck, judge
 from core.models import Classifier
 from core.tasks import TaskSpec, positive_classes
 
@@ -304,14 +304,14 @@ def _findings(spec: TaskSpec, card: ModelCard, row: np.ndarray) -> tuple[Finding
     return tuple(out)
 
 
-def predict(classifier: Classifier, batch: torch.Tensor, tag_reasons: Sequence[str | None] | None = None) -> list[Prediction]:
+def predict(classifier: Classifier, batch: torch.Tensor, tags: Sequence[TagCheck | str | None] | None = None) -> list[Prediction]:
     """Predictions for a batch of normalised inputs (N, 3, S, S) in one forward pass, with the guard's verdicts.
 
     Args:
         classifier: A loaded model.
         batch: float32 (N, 3, S, S) model inputs.
-        tag_reasons: Per input, why its DICOM tags say it is not for this model (`core.guard.check_tags`
-            on its scan), or None; default: no tag reasons.
+        tags: Per input, what its DICOM tags say (`core.guard.read_tags` of its scan; a plain reason string is
+            taken as a refusal), or None; default: no tags.
 
     Returns:
         N predictions, in input order.
@@ -326,11 +326,11 @@ def predict(classifier: Classifier, batch: torch.Tensor, tag_reasons: Sequence[s
         raise FloatingPointError(f"{spec.key} gave a probability that is not a number")
     decided = decide(probs, spec.labels, card.positive, card.threshold)
     belonging = classifier.guard.belonging(outputs.features) if classifier.guard is not None else None
-    tag_reasons = list(tag_reasons) if tag_reasons is not None else [None] * len(probs)
+    tags = list(tags) if tags is not None else [None] * len(probs)
     band = band_of(card.indeterminate.classes if card.indeterminate is not None else None)
     predictions = []
-    for row, tag_reason in enumerate(tag_reasons):
-        verdict = judge(classifier.guard, None if belonging is None else float(belonging[row]), spec, tag_reason)
+    for row, tag in enumerate(tags):
+        verdict = judge(classifier.guard, None if belonging is None else float(belonging[row]), spec, tag)
         predictions.append(Prediction(spec.labels, probs[row], int(decided[row]), card.threshold, card.positive,
                                       spec.positive_label, verdict, band, _findings(spec, card, finding_probs[row])))
     return predictions

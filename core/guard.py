@@ -91,18 +91,45 @@ BODY_PARTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_tags(scan: Scan, spec: TaskSpec) -> str | None:
-    """Reason to flag from DICOM tags, or None when they fit (or are absent)."""
+@dataclass(frozen=True)
+class TagCheck:
+    """What a scan's DICOM tags say about the model: a reason to refuse, or whether they confirm it is for it.
+
+    Attributes:
+        reason: Why the tags say the scan is not for this model (modality or body part), or None.
+        confirms: The scan is a DICOM whose modality (and body part, where it names one) is the model's.
+    """
+
+    reason: str | None = None
+    confirms: bool = False
+
+
+COLOUR_SHARE = 0.05  # an image with more clearly coloured pixels than this is not a scan
+
+
+def read_tags(scan: Scan, spec: TaskSpec) -> TagCheck:
+    """What the file itself says about a model: DICOM tags (modality, body part), or for an ordinary image its
+    colour (X-ray, CT and MRI scans are grey; a photo or an annotated screenshot is not)."""
     if scan.kind != "dicom":
-        return None
+        share = float(scan.info.get("colour_share", 0.0))
+        if share > COLOUR_SHARE:
+            return TagCheck(f"this is a colour image ({share:.0%} of its pixels clearly coloured); X-ray, CT and MRI "
+                            "scans are grey, so it is probably a photo, a chart or an annotated screenshot")
+        return TagCheck()
     modality = scan.modality
     if modality and modality not in spec.modalities:
-        return f"the DICOM file says its modality is {modality}, but this model is for {'/'.join(spec.modalities)} images"
+        return TagCheck(f"the DICOM file says its modality is {modality}, but this model is for "
+                        f"{'/'.join(spec.modalities)} images")
     body_part = str(scan.info.get("BodyPartExamined", "")).strip().upper()
     expected = set(spec.body_parts) or {part for m in spec.modalities for part in BODY_PARTS.get(m, ())}
     if body_part and expected and body_part not in expected:
-        return f"the DICOM file says the body part is {body_part}, but this model is for {spec.page.lower()} images"
-    return None
+        return TagCheck(f"the DICOM file says the body part is {body_part}, but this model is for {spec.page.lower()} images")
+    return TagCheck(confirms=bool(modality))
+
+
+def check_tags(scan: Scan, spec: TaskSpec) -> str | None:
+    """Reason to flag from DICOM tags, or None when they fit (or are absent)."""
+    return read_tags(scan, spec).reason
 
 
 def plane_mismatch(scan: Scan, spec: TaskSpec) -> str | None:
@@ -156,21 +183,30 @@ class GuardVerdict:
         return self.outcome == "borderline"
 
 
-def judge(stats: GuardStats | None, score: float | None, spec: TaskSpec, tag_reason: str | None = None) -> GuardVerdict:
+def judge(stats: GuardStats | None, score: float | None, spec: TaskSpec, tags: TagCheck | str | None = None) -> GuardVerdict:
     """The verdict for one scan: a DICOM tag mismatch first, then the image-level score against the thresholds.
 
     The message names the score and the thresholds in words: the score says how much the image
     resembles this model's training images against other tasks' scans, photos and documents
-    (a score, not the probability that the answer is right).
+    (a score, not the probability that the answer is right). A DICOM whose tags confirm the model's
+    modality and body part is never refused on its score alone: a real scanner's slice may look
+    unlike the exported training images, so a low score makes it borderline, with the reason.
     """
-    if tag_reason is not None:
-        return GuardVerdict("out_of_range", tag_reason + ".")
+    tags = TagCheck(tags) if isinstance(tags, str) else tags or TagCheck()
+    if tags.reason is not None:
+        return GuardVerdict("out_of_range", tags.reason + ".")
     if stats is None or score is None:
         return GuardVerdict.passed()
     threshold = stats.threshold
     borderline = max(stats.borderline or threshold, threshold)
     resemblance = (f"its resemblance to this model's training images ({spec.trained_on}) scores {score:.0%} on a "
                    f"0-100% scale set against other scans, photos and documents")
+    if score < threshold and tags.confirms:
+        return GuardVerdict("borderline", (
+            f"The DICOM tags say this is a {'/'.join(spec.modalities)} image of the right body part, but the image is "
+            f"unlike the model's training images ({spec.trained_on}): its resemblance scores {score:.0%}, where "
+            f"images from elsewhere scoring below {threshold:.0%} are not classified. The output is shown with this "
+            "warning; read it with extra care."), score, threshold, borderline)
     if score < threshold:
         return GuardVerdict("out_of_range", (
             f"This image is outside what the model was trained on: {resemblance}; images scoring below "

@@ -41,6 +41,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+COLOURED_SPREAD = 40  # a pixel whose R, G and B differ by more than this is clearly coloured
 MAX_PIXELS = 40_000_000  # per 2-D image or DICOM frame, checked before decoding
 MAX_IMAGE_SIDE = 2048  # ordinary images are shrunk to this longest side (DICOM keeps its size)
 MAX_DICOM_BYTES = MAX_UPLOAD_BYTES  # a deflated DICOM may unpack to no more than an upload may hold
@@ -68,8 +69,26 @@ ACCEPTED = "Upload a PNG, JPEG, WebP, TIFF, BMP or DICOM file."
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+SCAN_ERROR_KINDS: tuple[str, ...] = ("unreadable", "too_large", "unsupported_format")
+
+
 class ScanError(ValueError):
-    """A file that cannot be read as a scan; the message is written for a clinician."""
+    """A file that cannot be read as a scan; the message is written for a clinician.
+
+    Attributes:
+        kind: Why, for a machine (the HTTP API's status code): "unreadable" (damaged, empty, not a
+            medical image slice), "too_large" (over the byte or pixel budget) or "unsupported_format"
+            (a format or pixel encoding this app does not open).
+    """
+
+    def __init__(self, message: str, kind: str = "unreadable") -> None:
+        if kind not in SCAN_ERROR_KINDS:
+            raise ValueError(f"unknown ScanError kind {kind!r}; one of {', '.join(SCAN_ERROR_KINDS)}")
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.kind)
 
 
 @dataclass(frozen=True)
@@ -150,7 +169,8 @@ def _checked_bytes(data: Any) -> bytes:
         raise ScanError("The file is empty (0 bytes).")
     if len(data) > MAX_UPLOAD_BYTES:
         raise ScanError(
-            f"The file is {len(data) / 2**20:.0f} MB; files over {MAX_UPLOAD_BYTES // 2**20} MB are not accepted."
+            f"The file is {len(data) / 2**20:.0f} MB; files over {MAX_UPLOAD_BYTES // 2**20} MB are not accepted.",
+            kind="too_large",
         )
     return data
 
@@ -222,7 +242,7 @@ def _read_image(data: bytes) -> Scan:
         if width * height > MAX_PIXELS:
             raise ScanError(
                 f"The image declares {width} x {height} pixels, more than the "
-                f"{MAX_PIXELS // 1_000_000} million accepted; it was not decoded."
+                f"{MAX_PIXELS // 1_000_000} million accepted; it was not decoded.", kind="too_large"
             )
         _check_size(width, height)
         pages = _page_count(image)
@@ -239,7 +259,8 @@ def _read_image(data: bytes) -> Scan:
         if target != (width, height):
             steps.append(f"shrunk from {width} x {height} to {target[0]} x {target[1]} px "
                          f"(longest side at most {MAX_IMAGE_SIDE})")
-        gray = _to_gray(image, target, steps)
+        facts: dict[str, Any] = {}
+        gray = _to_gray(image, target, steps, facts)
         method = _transpose_method(orientation)
         if method is not None:
             gray = gray.transpose(method)
@@ -247,14 +268,16 @@ def _read_image(data: bytes) -> Scan:
     except ScanError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ScanError("The image declares an implausibly large size (a decompression bomb); it was not decoded.") from None
+        raise ScanError("The image declares an implausibly large size (a decompression bomb); it was not decoded.",
+                        kind="too_large") from None
     except UnidentifiedImageError:
         found = _foreign_format(data)
         if found:
-            raise ScanError(f"The file is not a readable image: it is {found}, which is not accepted. {ACCEPTED}") from None
-        raise ScanError(f"The file is not a readable image. {ACCEPTED}") from None
+            raise ScanError(f"The file is not a readable image: it is {found}, which is not accepted. {ACCEPTED}",
+                            kind="unsupported_format") from None
+        raise ScanError(f"The file is not a readable image. {ACCEPTED}", kind="unsupported_format") from None
     except MemoryError:
-        raise ScanError("The image is too large to read here.") from None
+        raise ScanError("The image is too large to read here.", kind="too_large") from None
     except (OSError, SyntaxError, ValueError, EOFError, KeyError, IndexError, TypeError, struct.error, ZeroDivisionError) as exc:
         logger.info("image decoding failed: %s", type(exc).__name__)
         raise ScanError(f"The image file is damaged or truncated and cannot be decoded ({type(exc).__name__}).") from None
@@ -262,7 +285,7 @@ def _read_image(data: bytes) -> Scan:
     pixels = np.array(gray, dtype=np.float32)  # a writable copy (np.asarray of a Pillow image is read-only)
     if gray.mode == "L":
         pixels /= np.float32(255.0)
-    info = {"format": fmt, "mode": mode, "width": width, "height": height}
+    info = {"format": fmt, "mode": mode, "width": width, "height": height, **facts}
     if pages > 1:
         info["frames"] = pages
     return Scan(pixels=pixels, kind="image", steps=tuple(steps), info=info)
@@ -322,8 +345,10 @@ _COLOUR_MODES = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
 _DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-def _to_gray(image: Any, target: tuple[int, int], steps: list[str]) -> Any:
+def _to_gray(image: Any, target: tuple[int, int], steps: list[str], facts: dict[str, Any] | None = None) -> Any:
     """Pillow image of any mode -> Pillow "L" (8-bit) or "F" (float in [0, 1]) image of `target` size.
+
+    `facts`, where given, gets "colour_share": the share of clearly coloured pixels of a colour image.
 
     Colour and alpha are dealt with in 8 bits and the image is shrunk before anything becomes
     float, so a 40-megapixel RGBA file never exists as a float array.
@@ -344,13 +369,17 @@ def _to_gray(image: Any, target: tuple[int, int], steps: list[str]) -> Any:
     elif mode == "La":
         image = image.convert("LA")
     elif mode not in ("L", "LA", "RGB", "RGBA"):
-        raise ScanError(f"The image's pixel layout ({mode}) is not supported. {ACCEPTED}")
+        raise ScanError(f"The image's pixel layout ({mode}) is not supported. {ACCEPTED}", kind="unsupported_format")
     image = _shrink(image, target)
     alpha = image.getchannel("A") if image.mode in ("LA", "RGBA") else None
     if image.mode in ("RGB", "RGBA"):
         rgb = np.asarray(image.convert("RGB") if image.mode == "RGBA" else image)
         if rgb.size and int(np.ptp(rgb, axis=2).max()) > 12:
-            steps.append("colour image converted to grayscale")
+            # share of clearly coloured pixels: scans are grey; a photo or an annotated screenshot is not
+            colour_share = float((np.ptp(rgb, axis=2) > COLOURED_SPREAD).mean())
+            steps.append(f"colour image converted to grayscale ({colour_share:.0%} of pixels clearly coloured)")
+            if facts is not None:
+                facts["colour_share"] = colour_share
     gray = image.convert("L")
     if alpha is not None and alpha.getextrema()[0] < 255:
         # Compositing on black is multiplying by alpha: luminance is linear in R, G and B.
@@ -482,7 +511,7 @@ def parse_dicom(data: bytes, stop_before_pixels: bool = False) -> Any:
     except RecursionError:
         raise ScanError(_TOO_DEEP) from None
     except MemoryError:
-        raise ScanError("The DICOM file is too large to read here.") from None
+        raise ScanError("The DICOM file is too large to read here.", kind="too_large") from None
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError,
             OverflowError, struct.error, zlib.error, NotImplementedError) as exc:
         logger.info("DICOM parsing failed: %s", type(exc).__name__)
@@ -515,7 +544,7 @@ def _inflate(compressed: memoryview) -> bytes:
     """
     too_big = ScanError(
         f"The DICOM file is deflate-compressed and unpacks to more than {MAX_DICOM_BYTES // 2**20} MB; "
-        "it was not read."
+        "it was not read.", kind="too_large"
     )
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     size, pending = 0, compressed
@@ -618,13 +647,13 @@ def check_pixel_budget(ds: Any, frames: int = 1, max_pixels: int = MAX_PIXELS,
     if geometry.frame_pixels > max_pixels:
         raise ScanError(
             f"The DICOM image declares {geometry.columns} x {geometry.rows} pixels, more than the "
-            f"{max_pixels // 1_000_000} million accepted; it was not decoded."
+            f"{max_pixels // 1_000_000} million accepted; it was not decoded.", kind="too_large"
         )
     needed = geometry.decoded_bytes(frames)
     if needed > max_bytes:
         raise ScanError(
             f"The DICOM image would take {needed / 2**20:.0f} MB decoded, more than the "
-            f"{max_bytes // 2**20} MB accepted; it was not decoded."
+            f"{max_bytes // 2**20} MB accepted; it was not decoded.", kind="too_large"
         )
     return geometry
 
@@ -743,12 +772,13 @@ def scan_from_dataset(ds: Any, frame: int | None = None) -> Scan:
     except RecursionError:
         raise ScanError(_TOO_DEEP) from None
     except MemoryError:
-        raise ScanError("The DICOM image is too large to read here.") from None
+        raise ScanError("The DICOM image is too large to read here.", kind="too_large") from None
 
 
 def _scan_from_dataset(ds: Any, frame: int | None) -> Scan:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise ScanError("The DICOM file holds no image (no pixel data): it may be a report or structured data.")
+        raise ScanError("The DICOM file holds no image (no pixel data): it may be a report or structured data.",
+                        kind="unsupported_format")
     if _text(ds, "BurnedInAnnotation").upper() == "YES":
         # The pixels carry text that may identify the patient; nothing of it is shown or kept.
         raise ScanError(
@@ -760,7 +790,7 @@ def _scan_from_dataset(ds: Any, frame: int | None) -> Scan:
         raise ScanError("The DICOM file does not say how its pixel data is encoded (no transfer syntax).")
     if not getattr(syntax, "is_transfer_syntax", False):
         raise ScanError("The DICOM file names a transfer syntax (pixel encoding) that is not a known one; "
-                        "its image cannot be decoded.")
+                        "its image cannot be decoded.", kind="unsupported_format")
     geometry = check_pixel_budget(ds)
     n_frames = geometry.frames
     if frame is None:
@@ -845,11 +875,12 @@ def _decode_frame(ds: Any, index: int, geometry: PixelGeometry, photometric: str
             raise ScanError(
                 f"The DICOM pixel data is compressed ({syntax_name}) and no decoder for it is installed "
                 "here; install pylibjpeg (with pylibjpeg-libjpeg / pylibjpeg-openjpeg) or python-gdcm, "
-                "or export the image uncompressed."
+                "or export the image uncompressed.", kind="unsupported_format"
             ) from None
         raise ScanError(f"The DICOM pixel data cannot be decoded ({syntax_name}).") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ScanError("The compressed image inside the DICOM file is implausibly large; it was not decoded.") from None
+        raise ScanError("The compressed image inside the DICOM file is implausibly large; it was not decoded.",
+                        kind="too_large") from None
     except (ValueError, AttributeError, KeyError, TypeError, EOFError, OSError, IndexError, struct.error) as exc:
         logger.info("DICOM decoding failed for %s: %s", syntax_name, type(exc).__name__)
         raise ScanError(f"The DICOM pixel data is damaged or inconsistent with its header ({type(exc).__name__}).") from None

@@ -26,7 +26,7 @@ import torch
 
 from core.decision import Prediction, predict
 from core.explain import DEFAULT_METHOD, METHODS, Faithfulness, compute_cam, road_score
-from core.guard import check_tags
+from core.guard import TagCheck, read_tags
 from core.imaging import Scan, ScanError, read_scan
 from core.models import Classifier
 from core.preprocess import EvalPreset, ModelInput
@@ -102,11 +102,14 @@ class Refusal:
             for the reader) or "error" (something failed here; the reason names only the error type).
         reason: The message for the reader.
         digest: The upload's short hash.
+        kind: For a rejected file, why, for a machine (`core.imaging.ScanError.kind`): "unreadable",
+            "too_large" or "unsupported_format" (the HTTP API's 400, 413 or 415).
     """
 
     status: str
     reason: str
     digest: str = ""
+    kind: str = "unreadable"
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,7 @@ def prepare(data: bytes, filename: str | None, classifier: Classifier) -> tuple[
         return scan, EvalPreset(classifier.spec)(scan)
     except ScanError as exc:
         logger.info("upload %s rejected for %s", digest, classifier.spec.key)
-        return Refusal("rejected", str(exc), digest)
+        return Refusal("rejected", str(exc), digest, exc.kind)
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the rest; the type is logged, not the file
         logger.error("upload %s failed for %s: %s", digest, classifier.spec.key, type(exc).__name__)
         return Refusal("error", f"internal error: {type(exc).__name__}", digest)
@@ -261,7 +264,7 @@ def analyse(classifier: Classifier, data: bytes, filename: str | None = None) ->
     scan, model_input = prepared
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        prediction = predict(classifier, model_input.tensor, [check_tags(scan, classifier.spec)])[0]
+        prediction = predict(classifier, model_input.tensor, [read_tags(scan, classifier.spec)])[0]
     except Exception as exc:  # noqa: BLE001 - the caller must survive any file; the type is logged, not the file
         logger.error("upload %s failed for %s: %s", short_digest(sha256), classifier.spec.key, type(exc).__name__)
         return Refusal("error", f"internal error: {type(exc).__name__}", short_digest(sha256))
@@ -287,7 +290,7 @@ def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes |
     (an OSError in place of the bytes: an error; a Refusal in place of the bytes, e.g. an archive
     member that was not unpacked: passed on) and never stops the rest.
     """
-    pending: list[tuple[str, str, torch.Tensor, str | None]] = []
+    pending: list[tuple[str, str, torch.Tensor, TagCheck]] = []
 
     def flush() -> Iterator[tuple[str, Answer | Refusal]]:
         if not pending:
@@ -321,7 +324,7 @@ def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes |
             yield name, prepared
             continue
         scan, model_input = prepared
-        pending.append((name, upload_digest(data), model_input.tensor, check_tags(scan, classifier.spec)))
+        pending.append((name, upload_digest(data), model_input.tensor, read_tags(scan, classifier.spec)))
         del scan, model_input, prepared
         if len(pending) >= batch_size:
             yield from flush()
@@ -331,9 +334,9 @@ def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes |
 def predict_scans(classifier: Classifier, scans: Iterable[Scan], batch_size: int = BATCH_SIZE) -> list[Prediction]:
     """Predictions for scans already read (the slices of a study, a test's synthetic scans), in batches."""
     preset, out = EvalPreset(classifier.spec), []
-    pending: list[tuple[torch.Tensor, str | None]] = []
+    pending: list[tuple[torch.Tensor, TagCheck]] = []
     for scan in scans:
-        pending.append((preset(scan).tensor, check_tags(scan, classifier.spec)))
+        pending.append((preset(scan).tensor, read_tags(scan, classifier.spec)))
         if len(pending) >= batch_size:
             out += predict(classifier, torch.cat([t for t, _ in pending]), [r for _, r in pending])
             pending.clear()

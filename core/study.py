@@ -39,7 +39,7 @@ import numpy as np
 from core.archive import ArchiveError, UploadBudget, is_zip, open_zip
 from core.cards import ModelCard
 from core.decision import Band, Finding, Prediction, band_of, decide, finding_reliability, log_odds, positive_mask
-from core.guard import GuardVerdict, check_tags
+from core.guard import GuardVerdict, read_tags
 from core.imaging import MAX_UPLOAD_BYTES, ScanError, parse_dicom
 from core.models import Classifier
 from core.pipeline import BATCH_SIZE, Analysis, Heatmap, Refusal, short_digest
@@ -774,7 +774,7 @@ def analyse_series(classifier: Classifier, study: Study, index: int | None = Non
     started = time.perf_counter()
     try:
         rule = study_rule(classifier.card, spec)
-        tag_reason = check_tags(series.scan(0), spec)
+        tags = read_tags(series.scan(0), spec)  # the series' tags: the same for every slice
         preset = EvalPreset(spec)
         n = len(series)
         probabilities = np.zeros((n, spec.num_classes), dtype=np.float32)
@@ -784,7 +784,7 @@ def analyse_series(classifier: Classifier, study: Study, index: int | None = Non
             stop = min(start + batch_size, n)
             greys = np.stack([preset.grey(_model_pixels(series, i, spec)[0]) for i in range(start, stop)])
             batch = preset.tensor(torch.from_numpy(greys))
-            for offset, prediction in enumerate(predict(classifier, batch, [tag_reason] * (stop - start))):
+            for offset, prediction in enumerate(predict(classifier, batch, [tags] * (stop - start))):
                 probabilities[start + offset] = prediction.probabilities
                 findings[start + offset] = [f.probability for f in prediction.findings]
                 verdicts.append(prediction.guard)

@@ -109,3 +109,32 @@ def test_every_default_map_is_non_empty_and_mostly_on_the_body(key: str) -> None
             heatmap = compute_cam(classifier, prepared.tensor, spec.output_index(output), method)
             assert heatmap.max() > 0, (key, output, method, seed)
             assert mass_inside(heatmap, truth) >= 0.8, (key, output, method, seed, mass_inside(heatmap, truth))
+
+
+def test_a_dicom_whose_tags_confirm_the_model_is_borderline_not_refused_on_its_score() -> None:
+    """A real scanner's chest CT (modality CT, body part CHEST) may look unlike exported training slices: a low
+    score makes it borderline with the reason; the same score on a PNG (no tags) is refused; wrong tags refuse."""
+    from core.guard import TagCheck
+
+    stats = GuardStats(np.zeros(2, np.float32), np.ones(2, np.float32), np.zeros(2, np.float32), 0.0, 0.30, 0.60)
+    spec = TASKS["ct_covid"]
+    confirmed = judge(stats, 0.05, spec, TagCheck(confirms=True))
+    assert confirmed.outcome == "borderline" and "DICOM tags say" in confirmed.reason and "5%" in confirmed.reason
+    assert judge(stats, 0.05, spec, TagCheck()).refused
+    assert judge(stats, 0.95, spec, TagCheck("the DICOM file says the body part is HEAD")).refused
+
+
+def test_a_colour_photo_is_refused_before_the_model_names_why() -> None:
+    """Scans are grey: a colour photo or an annotated screenshot is out of range whatever a model's score says."""
+    import skimage.data
+
+    from benchmarks.samples import encode
+    from core.guard import read_tags
+    from core.imaging import read_scan
+    from tests.conftest import synthetic_slice
+
+    photo = read_scan(encode(np.asarray(skimage.data.coffee())), "coffee.png")
+    check = read_tags(photo, TASKS["brain_mri"])
+    assert check.reason is not None and "colour image" in check.reason and judge(None, None, TASKS["brain_mri"], check).refused
+    grey = read_scan(encode(np.repeat(synthetic_slice(128)[..., None], 3, axis=2)), "grey-as-rgb.png")
+    assert read_tags(grey, TASKS["brain_mri"]).reason is None  # a grey scan saved as RGB is still a scan

@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 import streamlit as st
 
-from core.decision import Prediction
+from core.decision import FINDING_MIN_AUC, FINDING_MIN_SENSITIVITY, Prediction
 from core.explain import (CLASS_INDEPENDENT, COLORMAPS, DEFAULT_METHOD, LOCALISATION_THRESHOLD, METHODS, cam_layers,
                           draw_region, locate, overlay)
 from core.feedback import VERDICTS, make_feedback, record_feedback
@@ -143,8 +143,9 @@ def show_findings_table(classifier: Classifier, prediction: Prediction) -> None:
                      "why unreliable": finding.unreliable or ""})
     st.dataframe(rows, hide_index=True)
     st.caption("Each finding has its own threshold, chosen on validation data. A finding whose own validation figures "
-               "are too weak is greyed and never called present. Few positive cases stand behind some of them (see "
-               "the held-out columns).")
+               f"are too weak (ROC-AUC below {FINDING_MIN_AUC:.2f}, sensitivity at its threshold below "
+               f"{FINDING_MIN_SENSITIVITY:.2f}, or under 3 positive validation slices) is greyed and never called present. "
+               "Few positive cases stand behind some of them (see the held-out columns).")
 
 
 def stability_panel(classifier: Classifier, analysis: Analysis) -> None:

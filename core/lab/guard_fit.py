@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from core.cards import read_card, write_card
 from core.lab.data import ScanDataset, read_records, recorded_split
-from core.guard import GuardStats
+from core.guard import GuardStats, read_tags
 from core.imaging import ScanError, read_scan
 from core.models import WEIGHTS_DIR, Classifier, load_model, sha256_file
 from core.preprocess import EvalPreset, apply_steps, eight_bit
@@ -49,7 +49,8 @@ def features_of(classifier: Classifier, images: list[np.ndarray], batch_size: in
 
 
 def _to_model_pixels(array: np.ndarray, spec) -> np.ndarray | None:
-    """An array through PNG bytes and read_scan, as an upload would go."""
+    """An array through PNG bytes and read_scan, as an upload would go; None where the upload is refused before
+    the model (unreadable, or a colour image: `core.guard.read_tags`)."""
     from PIL import Image
 
     if array.dtype != np.uint8:
@@ -60,11 +61,23 @@ def _to_model_pixels(array: np.ndarray, spec) -> np.ndarray | None:
         scan = read_scan(buffer.getvalue(), "upload.png")
     except ScanError:
         return None
+    if read_tags(scan, spec).reason is not None:
+        return None
     return apply_steps(eight_bit(scan, spec), spec.preprocessing)[0]
 
 
-def photo_arrays(names: tuple[str, ...], seed: int = 0, crops: int = 4) -> list[np.ndarray]:
-    """scikit-image sample photos: each whole, mirrored and in `crops` random crops."""
+def refusal_rate(stats: GuardStats, classifier: Classifier, pixels: list[np.ndarray | None]) -> dict:
+    """Share of uploads refused: before the model (None: unreadable or a colour image), or by the guard's score."""
+    kept = [p for p in pixels if p is not None]
+    scored = flag_rate(stats, features_of(classifier, kept)) if kept else {"flagged": 0.0, "n": 0}
+    refused = len(pixels) - len(kept) + (scored["flagged"] or 0.0) * len(kept)
+    return {"flagged": refused / len(pixels) if pixels else None, "n": len(pixels),
+            "refused_before_the_model": len(pixels) - len(kept)}
+
+
+def photo_arrays(names: tuple[str, ...], seed: int = 0, crops: int = 4, grey_copies: bool = False) -> list[np.ndarray]:
+    """scikit-image sample photos: each whole, mirrored and in `crops` random crops; with `grey_copies`, a colour
+    photo's views also in grey (colour photos are refused before the model, grey ones reach the guard's score)."""
     import skimage.data
 
     rng = np.random.default_rng(seed)
@@ -73,12 +86,15 @@ def photo_arrays(names: tuple[str, ...], seed: int = 0, crops: int = 4) -> list[
         image = np.asarray(getattr(skimage.data, name)())
         if image.dtype == bool:
             image = image.astype(np.uint8) * 255
-        out += [image, image[:, ::-1]]
+        views = [image, image[:, ::-1]]
         height, width = image.shape[:2]
         for _ in range(crops):
             h, w = int(height * rng.uniform(0.4, 0.8)), int(width * rng.uniform(0.4, 0.8))
             y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-            out.append(image[y : y + h, x : x + w])
+            views.append(image[y : y + h, x : x + w])
+        out += views
+        if grey_copies and image.ndim == 3:
+            out += [np.round(view[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8) for view in views]
     return out
 
 
@@ -162,25 +178,29 @@ OTHERS_REFUSED = 0.99  # ...and the threshold is as low as refusing this share o
 OWN_BORDERLINE = 0.05  # this share of its own validation scans is answered with a warning (or refused)
 
 
-def choose_thresholds(own: np.ndarray, others: np.ndarray) -> tuple[float, float, str]:
+def choose_thresholds(own: np.ndarray, others: dict[str, np.ndarray]) -> tuple[float, float, str]:
     """(refusal threshold, borderline threshold, the rule in words) from validation scores.
 
     The refusal threshold is as low as possible, so that own scans from other scanners and hospitals
-    (shifted from the training images) still get an answer, while at least `OTHERS_REFUSED` of other
-    images stay refused; never higher than the `OWN_REFUSED` quantile of the model's own scans.
+    (shifted from the training images) still get an answer, while at least `OTHERS_REFUSED` of each
+    group of other images (other tasks' scans, documents, photos) stays refused; never higher than the
+    `OWN_REFUSED` quantile of the model's own scans.
     """
-    for_others = float(np.quantile(others, OTHERS_REFUSED)) if len(others) else 0.5
+    groups = [scores for scores in others.values() if len(scores)]
+    for_others = max(float(np.quantile(scores, OTHERS_REFUSED)) for scores in groups) if groups else 0.5
     for_own = float(np.quantile(own, OWN_REFUSED)) if len(own) else 0.5
     threshold = float(np.clip(min(for_others, for_own), 1e-4, 1 - 1e-4))
     borderline = max(float(np.quantile(own, OWN_BORDERLINE)) if len(own) else threshold, threshold)
-    rule = (f"refused below {threshold:.3f}: the lowest score that still refuses {OTHERS_REFUSED:.0%} of the other tasks' "
-            f"validation scans and validation documents, capped at the {OWN_REFUSED:.0%} quantile of its own validation "
-            f"scans; borderline below {borderline:.3f} (the {OWN_BORDERLINE:.0%} quantile of its own validation scans)")
+    rule = (f"refused below {threshold:.3f}: the lowest score that still refuses {OTHERS_REFUSED:.0%} of each of the "
+            f"other tasks' validation scans, validation documents and photo crops, capped at the {OWN_REFUSED:.0%} quantile of its own "
+            f"validation scans; borderline below {borderline:.3f} (the {OWN_BORDERLINE:.0%} quantile of its own "
+            "validation scans); a DICOM whose tags confirm the model's modality and body part is borderline, not refused, "
+            "below the threshold")
     return threshold, borderline, rule
 
 
 def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray, weights: np.ndarray,
-              others_validation: np.ndarray | None = None) -> tuple[GuardStats, str]:
+              others_validation: dict[str, np.ndarray] | None = None) -> tuple[GuardStats, str]:
     """Weighted logistic regression, positives against negatives; thresholds from validation (`choose_thresholds`).
 
     Args:
@@ -189,7 +209,8 @@ def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray
         validation: Features of the model's own validation images.
         weights: (M,) relative weight of each negative; the positives together weigh as much as
             all negatives together.
-        others_validation: Features of other images not used to fit (other tasks' validation sides, documents).
+        others_validation: Features of other images not used to fit, by group (other tasks' validation sides,
+            documents, photo crops).
 
     Returns:
         (the guard, its threshold rule in words).
@@ -205,7 +226,7 @@ def fit_stats(positive: np.ndarray, negative: np.ndarray, validation: np.ndarray
     model.fit((features - mean) / scale, labels, sample_weight=sample_weight)
     stats = GuardStats(mean.astype(np.float32), scale.astype(np.float32), model.coef_[0].astype(np.float32),
                        float(model.intercept_[0]), 0.5)
-    others = stats.belonging(others_validation) if others_validation is not None else np.zeros(0)
+    others = {name: stats.belonging(features) for name, features in (others_validation or {}).items()}
     threshold, borderline, rule = choose_thresholds(stats.belonging(validation), others)
     return GuardStats(stats.mean, stats.scale, stats.weight, stats.bias, threshold, borderline), rule
 
@@ -218,11 +239,14 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     keys = args.task or list(TASKS)
     datasets = {key: read_dataset(args.data_root, key, folder) for key in TASKS}
     reference = get_task(keys[0])
-    photos_fit = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[::2], seed=1, crops=FIT_CROPS)]
+    photos_fit = [_to_model_pixels(a, reference)
+                  for a in photo_arrays(PHOTOS[::2], seed=1, crops=FIT_CROPS, grey_copies=True)]
     photos_test = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[1::2], seed=2)]
     docs_fit = [_to_model_pixels(a, reference) for a in document_arrays(80, seed=1)]
     docs_test = [_to_model_pixels(a, reference) for a in document_arrays(120, seed=2)]
     docs_val = [_to_model_pixels(a, reference) for a in document_arrays(60, seed=3)]
+    # other crops of the fitting photos, drawn with another seed: for choosing thresholds, never for measuring
+    photos_val = [_to_model_pixels(a, reference) for a in photo_arrays(PHOTOS[::2], seed=3, grey_copies=True)]
     results = {}
     non_medical_weight = args.non_medical_weight or NON_MEDICAL_WEIGHT
     for key in keys:
@@ -236,8 +260,10 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         negative = features_of(classifier, medical + non_medical)
         # Photos and documents are few next to the other tasks' scans; weigh each of them more.
         weights = np.concatenate([np.ones(len(medical)), np.full(len(non_medical), non_medical_weight)])
-        others_validation = features_of(classifier, [p for d in others.values() for p in d.side("val", args.other_images, 0)]
-                                        + [p for p in docs_val if p is not None])
+        others_validation = {
+            "scans": features_of(classifier, [p for d in others.values() for p in d.side("val", args.other_images, 0)]),
+            "documents": features_of(classifier, [p for p in docs_val if p is not None]),
+            "photos": features_of(classifier, [p for p in photos_val if p is not None])}
         stats, rule = fit_stats(positive, negative, features_of(classifier, own.side("val", None, 0)), weights,
                                 others_validation)
         own_test = features_of(classifier, own.side("test", None, 0))
@@ -248,9 +274,8 @@ def fit_all(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             "other_tasks_test": {
                 k: flag_rate(stats, features_of(classifier, d.side("test", args.test_images, 0))) for k, d in others.items()
             },
-            "photos_held_out": flag_rate(stats, features_of(classifier, [p for p in photos_test if p is not None])),
-            "documents_screenshots_held_out": flag_rate(
-                stats, features_of(classifier, [p for p in docs_test if p is not None])),
+            "photos_held_out": refusal_rate(stats, classifier, photos_test),
+            "documents_screenshots_held_out": refusal_rate(stats, classifier, docs_test),
         }
         if spec.ct_window is not None and (args.data_root / "dicom_ct").is_dir():
             measured["dicom_ct_slices"] = dicom_outcomes(classifier, sorted((args.data_root / "dicom_ct").glob("*.dcm")))
