@@ -595,3 +595,23 @@ def test_reading_a_path_that_is_not_there_is_a_study_error(tmp_path: Path) -> No
     with pytest.raises(StudyError, match="neither a file nor a folder"):
         read_study_path(tmp_path / "nothing", HEAD)
     assert isinstance(study_row("x", Refusal("error", "internal error: X")), dict)
+
+
+def test_the_api_serves_studies_with_the_real_pipeline(head_ct) -> None:
+    """POST /v1/studies/head_ct (the HTTP API's endpoint) answers with the rows `study_rows` makes."""
+    from api.settings import ApiSettings
+    from tests.test_api import start
+
+    client, _ = start(ApiSettings(models=("head_ct",), token=None))
+    try:
+        data = zip_files(series_files(6, 64) + mr_series())
+        answer = client.post("/v1/studies/head_ct", files={"file": ("two.zip", data, "application/zip")})
+        assert answer.status_code == 200, answer.text
+        rows = answer.json()["series"]
+        expected = study_rows(head_ct, data, "two.zip")
+        assert [(r["status"], r["slices"], r["series"]) for r in rows] == [
+            (r["status"], r["slices"], r["series"]) for r in expected]
+        assert rows[0]["probabilities"] == pytest.approx(expected[0]["probabilities"], abs=1e-6)
+        assert rows[0]["key_slices"] == expected[0]["key_slices"]
+    finally:
+        client.__exit__(None, None, None)
