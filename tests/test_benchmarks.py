@@ -42,3 +42,30 @@ def test_ten_concurrent_sessions_get_results_without_errors() -> None:
     assert figures["results"] >= 10  # each session finished at least one upload -> result
     assert figures["p50_s"] <= figures["p95_s"]
     assert figures["heatmap_p50_s"] <= figures["p50_s"]  # the heatmap shows before the page's last work ends
+
+
+def test_conditions_benchmark_measures_ours_and_the_baseline_idle_and_beside_a_neighbour(tmp_path: Path) -> None:
+    """`python -m benchmarks.conditions`: each subject in its own process, idle, beside a busy process the benchmark
+    starts and stops, and under concurrent requests; the neighbour is gone afterwards."""
+    import os
+    import signal
+
+    out = tmp_path / "conditions.json"
+    before = set(os.listdir("/proc"))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.conditions", "--models", "ct_covid", "--seconds", "1",
+                             "--conditions", "idle", "neighbour", "4 concurrent", "--json", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())["conditions"]
+    for condition in ("idle", "neighbour"):
+        for subject in ("ct_covid", "baseline"):
+            f = figures[condition][subject]
+            assert 0 < f["predict_ms"][0] <= f["predict_ms"][1] and f["throughput"] > 0
+    ours = figures["idle"]["ct_covid"]
+    assert ours["wait_policy"] == "PASSIVE" and figures["idle"]["baseline"]["wait_policy"] == "default"
+    assert figures["4 concurrent"]["ct_covid"]["requests"] >= 4 and "| neighbour | baseline |" in result.stdout
+    leftover = [pid for pid in set(os.listdir("/proc")) - before if pid.isdigit()
+                and "time.time() <" in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")]
+    for pid in leftover:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not leftover, "the neighbour process outlived the benchmark"

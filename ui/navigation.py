@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 import streamlit as st
@@ -38,14 +37,13 @@ def _task_renderer(page: str) -> Callable[[], None]:
     return render
 
 
-@lru_cache(maxsize=1)
 def task_pages() -> dict[str, st.Page]:
-    """One `st.Page` per registry page, by page title."""
+    """One `st.Page` per registry page, by page title (made per script run: a page object belongs to the run that
+    made it)."""
     return {page: st.Page(_task_renderer(page), title=page, url_path=url_path(page), icon=ICONS.get(page, ":material/radiology:"))
             for page in PAGES}
 
 
-@lru_cache(maxsize=1)
 def other_pages() -> dict[str, st.Page]:
     """Home, Model cards and Batch."""
     return {"Home": st.Page(HOME, title="Home", icon=":material/home:", default=True),
