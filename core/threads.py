@@ -21,6 +21,12 @@ Every setting can be overridden by the environment (read once, `policy()`):
 | `SECONDLOOK_CONCURRENCY` | the same number | model computations at once (more wait in line) |
 | `SECONDLOOK_INTEROP_THREADS` | 1 | torch inter-op threads |
 | `OMP_WAIT_POLICY` | PASSIVE | OpenMP's wait policy (read when torch loads) |
+| `SECONDLOOK_MALLOC_ARENAS` | 2 | glibc malloc arenas of a serving process (`core.allocator`) |
+
+When the last running computation ends, the allocator's free pages go back to the system
+(`core.allocator.release_free_memory`, tens of microseconds): a serving process then holds what
+it uses, not what its busiest moment needed. Both allocator settings measured in
+`python -m benchmarks.memory --server`.
 
 Training is alone by design and uses every core it is given (`configure("train")`), with the same
 variables exposed.
@@ -36,11 +42,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
+from core import allocator
+
 logger = logging.getLogger(__name__)
 
 ENV_THREADS = "SECONDLOOK_THREADS"
 ENV_CONCURRENCY = "SECONDLOOK_CONCURRENCY"
 ENV_INTEROP = "SECONDLOOK_INTEROP_THREADS"
+ENV_ARENAS = "SECONDLOOK_MALLOC_ARENAS"
 
 
 def available_cores() -> int:
@@ -73,12 +82,14 @@ class ThreadPolicy:
         concurrency: Computations allowed at once; further ones wait for a slot.
         interop: torch inter-op threads.
         wait_policy: OpenMP wait policy in force ("PASSIVE" or "ACTIVE"; as set when torch loaded).
+        malloc_arenas: glibc malloc arenas a serving process may make (`core.allocator.limit_arenas`).
     """
 
     threads: int
     concurrency: int
     interop: int
     wait_policy: str
+    malloc_arenas: int = 2
 
     def threads_for(self, running: int) -> int:
         """Intra-op threads for a computation that starts while `running` computations (itself included) run."""
@@ -95,7 +106,8 @@ def policy() -> ThreadPolicy:
     cores = available_cores()
     threads = _env_int(ENV_THREADS, cores)
     return ThreadPolicy(threads=threads, concurrency=_env_int(ENV_CONCURRENCY, threads),
-                        interop=_env_int(ENV_INTEROP, 1), wait_policy=os.environ.get("OMP_WAIT_POLICY", "ACTIVE").upper())
+                        interop=_env_int(ENV_INTEROP, 1), wait_policy=os.environ.get("OMP_WAIT_POLICY", "ACTIVE").upper(),
+                        malloc_arenas=_env_int(ENV_ARENAS, 2))
 
 
 _configured: set[str] = set()
@@ -124,6 +136,8 @@ def configure(role: str = "serve") -> ThreadPolicy:
                 torch.set_num_interop_threads(chosen.interop)
             except RuntimeError:  # only allowed before the first parallel work; keep what is set
                 pass
+            if role == "serve":
+                allocator.limit_arenas(chosen.malloc_arenas)
             _configured.add(role)
             logger.info("thread policy (%s): %s", role, chosen)
     return chosen
@@ -148,7 +162,10 @@ class _Slots:
         finally:
             with self._condition:
                 self.running -= 1
+                last = self.running == 0
                 self._condition.notify()
+            if last:  # nothing computing now: what the computations freed goes back to the system
+                allocator.release_free_memory()
 
 
 _SLOTS = _Slots()
