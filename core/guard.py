@@ -24,6 +24,7 @@ import torch
 
 from core.imaging import Scan
 from core.tasks import TaskSpec
+from core.vocabulary import known_body_part, known_modality
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +94,22 @@ BODY_PARTS: dict[str, tuple[str, ...]] = {
 
 
 def check_tags(scan: Scan, spec: TaskSpec) -> str | None:
-    """Reason to flag from DICOM tags, or None when they fit (or are absent)."""
+    """Reason to flag from DICOM tags, or None when they fit (or are absent).
+
+    The reason names a tag value only where it is in the fixed vocabulary of `core.vocabulary`.
+    """
     if scan.kind != "dicom":
         return None
     modality = scan.modality
     if modality and modality not in spec.modalities:
-        return f"the DICOM file says its modality is {modality}, but this model is for {'/'.join(spec.modalities)} images"
+        said = f"its modality is {modality}" if known_modality(modality) else "a modality that is not a DICOM code"
+        return f"the DICOM file says {said}, but this model is for {'/'.join(spec.modalities)} images"
     body_part = str(scan.info.get("BodyPartExamined", "")).strip().upper()
     expected = set(spec.body_parts) or {part for m in spec.modalities for part in BODY_PARTS.get(m, ())}
     if body_part and expected and body_part not in expected:
-        return f"the DICOM file says the body part is {body_part}, but this model is for {spec.page.lower()} images"
+        # The value itself only where it is a known term: a free-text tag may name the patient.
+        said = f"the body part is {body_part}" if known_body_part(body_part) else "another body part"
+        return f"the DICOM file says {said}, but this model is for {spec.page.lower()} images"
     return None
 
 

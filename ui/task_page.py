@@ -30,6 +30,7 @@ from core.pipeline import Analysis, Refusal, analyse, scan_facts, short_digest
 from core.preprocess import display_rgb
 from core.report import ReportContent, render_pdf
 from core.tasks import CT_WINDOW_PRESETS, TaskSpec, describe_preprocessing, tasks_for_page
+from ui import plain
 from ui.cache import get_classifier
 from ui.widgets import (VIEWER_CONFIG, card_summary, disclaimer, findings_chart, png_bytes, probability_chart,
                         spread_chart, synced_viewer)
@@ -96,7 +97,7 @@ def show_answer(classifier: Classifier, analysis: Analysis) -> None:
     prediction, card, spec = analysis.prediction, classifier.card, classifier.spec
     st.subheader(f"Model output: {prediction.headline_text()}")
     if prediction.guard.warned:
-        st.warning(f"Borderline input. {prediction.guard.reason}", icon="⚠️")
+        plain.warning(f"Borderline input. {prediction.guard.reason}", icon="⚠️")
     if prediction.uncertain and card.indeterminate is not None:
         band = card.indeterminate.classes
         test, measured = band.test, ""
@@ -313,7 +314,7 @@ def render_task_page(page: str) -> None:
     try:
         classifier = get_classifier(spec.key)
     except (WeightsError, ValueError) as exc:
-        st.error(f"The model '{spec.title}' cannot be loaded: {exc}")
+        plain.model_unavailable(spec.title, spec.key, exc)
         return
     with col_upload:
         uploaded = st.file_uploader(f"Upload a scan: {UPLOAD_TYPES_HELP}", type=None, key=f"upload_{page}")
@@ -323,11 +324,11 @@ def render_task_page(page: str) -> None:
         return
     result = analyse_upload(classifier, uploaded.getvalue(), uploaded.name)
     if isinstance(result, str):
-        st.error(result)
+        plain.error(result)
         return
     message = plane_mismatch(result.scan, spec)
     if message:
-        st.warning(message)
+        plain.warning(message)
     if result.prediction.guard.refused and not confirm_flagged(spec, result):
         show_scan_notes(result, spec)
         return
@@ -362,11 +363,11 @@ def feedback_form(classifier: Classifier, analysis: Analysis) -> None:
                                                  f"{output} ({float(prediction.probabilities[prediction.index]):.3f})",
                                                  verdict, label, comment))
         except (ValueError, OSError) as exc:
-            st.error(f"Your read could not be saved: {exc}")
+            plain.failure("Your read could not be saved; the server's log says why.", exc, "feedback not saved")
             return
         logger.info("feedback %s on upload %s: %s", card.key, analysis.digest, verdict)
         st.success(f"Saved: {verdict}. Stored on this server in {path.name} (the image hash, model, verdict and comment; "
-                   "never the image). Export it from the Model cards page.")
+                   "never the image). The server's administrator can export it from the Model cards page.")
 
 
 def confirm_flagged(spec: TaskSpec, analysis: Analysis) -> bool:
