@@ -31,6 +31,7 @@ import os
 import shutil
 import sqlite3
 import sys
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -80,8 +81,10 @@ def _home_folder() -> Path:
 
 
 def _clean(text: str) -> str:
-    """Control characters (but the line break) as spaces: a row is words, never terminal or file controls."""
-    return "".join(ch if ch.isprintable() or ch == "\n" else " " for ch in text)
+    """Format characters (zero-width, bidi controls) dropped, other control characters (but the line break) as
+    spaces: a row is words, never terminal or file controls."""
+    return "".join("" if unicodedata.category(ch) == "Cf" else ch if ch.isprintable() or ch == "\n" else " "
+                   for ch in text)
 
 
 def make_feedback(upload_sha256: str, model: str, model_version: str, weights_sha256: str, model_output: str,
