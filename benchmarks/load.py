@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.memory import status_mb
+from benchmarks.proc import status_mb
 from benchmarks.samples import ct_dicom, encode, synthetic_slice
 from benchmarks.server import serve
 from benchmarks.session import AppSession, RunResult, SessionError

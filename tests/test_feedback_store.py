@@ -4,43 +4,56 @@ from __future__ import annotations
 
 import csv
 import io
-import multiprocessing
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from core import feedback
 from core.feedback import COLUMNS, count_feedback, export_feedback, make_feedback, read_feedback, record_feedback
+from tests.conftest import REPO
 
 SHA = "ab" * 32
 TOKEN = "a-long-administrator-token-0123"
 
 
-def _append(path: str, worker: int, n: int, start: multiprocessing.synchronize.Event) -> None:
-    start.wait()  # every process starts writing at once, the store not yet made
-    for i in range(n):
-        record_feedback(make_feedback(SHA, "brain_mri", "1", "w", f"glioma ({worker}.{i})", "agree",
-                                      comment=f"worker {worker} row {i}\nsecond line, \"quoted\""), Path(path))
+# A writer process: says it is ready, waits for the go file (so that every process starts at once, the
+# store not yet made), then appends its rows. Plain interpreters, not multiprocessing: a page test may have left
+# sys.modules["__main__"] pointing at a script multiprocessing would run again in each child.
+_WRITER = """
+import sys, time
+from pathlib import Path
+from core.feedback import make_feedback, record_feedback
+path, worker, n, go = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+go.with_name(f"ready{worker}").touch()
+while not go.exists():
+    time.sleep(0.005)
+for i in range(n):
+    record_feedback(make_feedback("ab" * 32, "brain_mri", "1", "w", f"glioma ({worker}.{i})", "agree",
+                                  comment=f"worker {worker} row {i}\\nsecond line, \\"quoted\\""), path)
+"""
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["fresh", "from-an-earlier-csv"])
 def test_four_processes_appending_at_once_leave_every_row_whole_and_one_header(tmp_path: Path, legacy: bool) -> None:
     path = tmp_path / "store" / "feedback"
+    path.parent.mkdir()
     if legacy:  # a CSV of the earlier store at the same path, with the second header two writers left in it
-        path.parent.mkdir()
         header = ",".join(COLUMNS)
         old = f"2025-01-01T00:00:00Z,{SHA},m,1,w,x (0.5),disagree,,old comment"
         path.write_text(f"{header}\n{old}\n{header}\n{old}\n", encoding="utf-8")
-    context = multiprocessing.get_context("spawn")
-    start = context.Event()
-    workers = [context.Process(target=_append, args=(str(path), w, 25, start)) for w in range(4)]
+    go = tmp_path / "go"
+    workers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(w), "25", str(go)], cwd=REPO)
+               for w in range(4)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{w}").exists() for w in range(4)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
     for worker in workers:
-        worker.start()
-    start.set()
-    for worker in workers:
-        worker.join(120)
-        assert worker.exitcode == 0
+        assert worker.wait(120) == 0
     rows = read_feedback(path)
     earlier = 2 if legacy else 0
     assert len(rows) == 100 + earlier == count_feedback(path)
