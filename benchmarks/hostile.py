@@ -162,6 +162,7 @@ def _app_path(model: str) -> tuple[Callable[[Upload], str], Callable[[Upload], s
 
     def request(upload: Upload) -> str:
         budget = UploadBudget()
+        whole: list[str] = []  # archives refused as a whole (their directory over the budget, unreadable)
 
         def members():
             for name, data in upload:
@@ -172,6 +173,7 @@ def _app_path(model: str) -> tuple[Callable[[Upload], str], Callable[[Upload], s
                 try:
                     archive = open_zip(data, name, budget)
                 except ArchiveError as exc:
+                    whole.append(str(exc))
                     yield name, Refusal("rejected", str(exc))
                     continue
                 for member in archive.members():
@@ -179,8 +181,8 @@ def _app_path(model: str) -> tuple[Callable[[Upload], str], Callable[[Upload], s
 
         rows = [outcome for _, outcome in predict_uploads(classifier, members())]
         refused = [r for r in rows if isinstance(r, Refusal)]
-        if rows and len(refused) == len(rows) and len(upload) == len(rows):
-            return f"refused: {refused[0].reason}"  # every archive refused as a whole
+        if len(whole) == len(upload):
+            return f"refused: {whole[0]}"  # every archive refused as a whole
         outcome = f"{len(rows) - len(refused)} predicted, {len(refused)} refused or skipped"
         return outcome + (f"; first: {refused[0].reason}" if refused else "")
 

@@ -14,8 +14,8 @@ ru_maxrss, which Linux carries over from the parent across fork and exec.
 The second starts `streamlit run app.py` (`benchmarks.server`), opens the home page (which loads
 every model, `ui.cache.warm_up`), then on each task page uploads one synthetic scan and waits for
 the prediction, the heatmap and its faithfulness line, as a browser tab would. It prints the
-server's resident set when idle with the models loaded, after the results, its peak, and the
-same split by mapping.
+server's resident set when idle with the models loaded, 2 s after the last result, its peak, and
+the same split by mapping.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def in_process() -> dict:
             "threads": torch.get_num_threads()}
 
 
-def server(timeout: float) -> dict:
+def server(timeout: float, settle: float = 2.0) -> dict:
     """The app's server: idle with every model loaded, then after one result (heatmap included) per task page."""
     import asyncio
 
@@ -81,6 +81,7 @@ def server(timeout: float) -> dict:
                 opened = await session.run(url_path(page))
                 await one_result(session, url_path(page), opened.uploader_ids[0], f"scan{index}.png",
                                  encode(synthetic_slice(512, seed=index)))
+        await asyncio.sleep(settle)  # the server hands freed memory back once idle for a second (core.threads)
         return {"idle": idle, "after": {"rss_mb": round(status_mb("VmRSS", pid), 1), "mappings_mb": mapping_groups(pid)},
                 "peak_mb": round(status_mb("VmHWM", pid), 1), "pages": list(PAGES)}
 

@@ -21,12 +21,10 @@ Every setting can be overridden by the environment (read once, `policy()`):
 | `SECONDLOOK_CONCURRENCY` | the same number | model computations at once (more wait in line) |
 | `SECONDLOOK_INTEROP_THREADS` | 1 | torch inter-op threads |
 | `OMP_WAIT_POLICY` | PASSIVE | OpenMP's wait policy (read when torch loads) |
-| `SECONDLOOK_MALLOC_ARENAS` | 2 | glibc malloc arenas of a serving process (`core.allocator`) |
 
-When the last running computation ends, the allocator's free pages go back to the system
-(`core.allocator.release_free_memory`, tens of microseconds): a serving process then holds what
-it uses, not what its busiest moment needed. Both allocator settings measured in
-`python -m benchmarks.memory --server`.
+Once no computation has run for a second, the allocator's free pages go back to the system
+(`core.allocator.release_free_memory`): a serving process then holds what it uses, not what its
+busiest moment needed (`python -m benchmarks.memory --server`, `python -m benchmarks.load`).
 
 Training is alone by design and uses every core it is given (`configure("train")`), with the same
 variables exposed.
@@ -49,7 +47,7 @@ logger = logging.getLogger(__name__)
 ENV_THREADS = "SECONDLOOK_THREADS"
 ENV_CONCURRENCY = "SECONDLOOK_CONCURRENCY"
 ENV_INTEROP = "SECONDLOOK_INTEROP_THREADS"
-ENV_ARENAS = "SECONDLOOK_MALLOC_ARENAS"
+RELEASE_AFTER_S = 1.0  # idle time before freed memory goes back to the system (see `_Slots`)
 
 
 def available_cores() -> int:
@@ -82,14 +80,12 @@ class ThreadPolicy:
         concurrency: Computations allowed at once; further ones wait for a slot.
         interop: torch inter-op threads.
         wait_policy: OpenMP wait policy in force ("PASSIVE" or "ACTIVE"; as set when torch loaded).
-        malloc_arenas: glibc malloc arenas a serving process may make (`core.allocator.limit_arenas`).
     """
 
     threads: int
     concurrency: int
     interop: int
     wait_policy: str
-    malloc_arenas: int = 2
 
     def threads_for(self, running: int) -> int:
         """Intra-op threads for a computation that starts while `running` computations (itself included) run."""
@@ -106,8 +102,7 @@ def policy() -> ThreadPolicy:
     cores = available_cores()
     threads = _env_int(ENV_THREADS, cores)
     return ThreadPolicy(threads=threads, concurrency=_env_int(ENV_CONCURRENCY, threads),
-                        interop=_env_int(ENV_INTEROP, 1), wait_policy=os.environ.get("OMP_WAIT_POLICY", "ACTIVE").upper(),
-                        malloc_arenas=_env_int(ENV_ARENAS, 2))
+                        interop=_env_int(ENV_INTEROP, 1), wait_policy=os.environ.get("OMP_WAIT_POLICY", "ACTIVE").upper())
 
 
 _configured: set[str] = set()
@@ -136,19 +131,23 @@ def configure(role: str = "serve") -> ThreadPolicy:
                 torch.set_num_interop_threads(chosen.interop)
             except RuntimeError:  # only allowed before the first parallel work; keep what is set
                 pass
-            if role == "serve":
-                allocator.limit_arenas(chosen.malloc_arenas)
             _configured.add(role)
             logger.info("thread policy (%s): %s", role, chosen)
     return chosen
 
 
 class _Slots:
-    """A counting gate in front of model computations that also knows how many are running."""
+    """A counting gate in front of model computations that also knows how many are running.
+
+    Once none has run for `RELEASE_AFTER_S`, the allocator's free pages go back to the system: not
+    at every pause (a page's prediction, heatmap and faithfulness come a few milliseconds apart,
+    and memory handed back is faulted in again by the next computation).
+    """
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self.running = 0
+        self._release: threading.Timer | None = None
 
     @contextmanager
     def acquire(self, limit: int) -> Iterator[int]:
@@ -157,15 +156,26 @@ class _Slots:
                 self._condition.wait()
             self.running += 1
             running = self.running
+            if self._release is not None:
+                self._release.cancel()
+                self._release = None
         try:
             yield running
         finally:
             with self._condition:
                 self.running -= 1
-                last = self.running == 0
+                if self.running == 0:
+                    self._release = threading.Timer(RELEASE_AFTER_S, self._release_if_idle)
+                    self._release.daemon = True
+                    self._release.start()
                 self._condition.notify()
-            if last:  # nothing computing now: what the computations freed goes back to the system
-                allocator.release_free_memory()
+
+    def _release_if_idle(self) -> None:
+        with self._condition:
+            if self.running:
+                return
+            self._release = None
+        allocator.release_free_memory()
 
 
 _SLOTS = _Slots()
