@@ -469,7 +469,9 @@ def write_sr(summary: ResultSummary, pacs_ready: bool = False, identity: Dataset
             report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=_procedure(summary),
                                              imaging_measurements=[group])
     except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputError(f"the structured report could not be made: {exc}") from exc
+        # Not the library's text, which can quote the source's values (names, IDs): the type, in the log.
+        logger.error("structured report failed: %s", type(exc).__name__)
+        raise OutputError("the structured report could not be made from this study's images") from exc
     report[0].ContentSequence.append(_summary_texts(summary, pacs_ready))
     if pacs_ready:
         # highdicom reads the type 2 patient and study attributes off the first evidence; some
@@ -493,7 +495,9 @@ def write_sr(summary: ResultSummary, pacs_ready: bool = False, identity: Dataset
             is_final=False, is_verified=False, series_description=f"SecondLook {summary.model_key} SR",
         )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise OutputError(f"the structured report could not be made: {exc}") from exc
+        # Not the library's text, which can quote the source's values (names, IDs): the type, in the log.
+        logger.error("structured report failed: %s", type(exc).__name__)
+        raise OutputError("the structured report could not be made from this study's images") from exc
     if not pacs_ready:
         for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
             if keyword in sr:
@@ -566,7 +570,8 @@ def write_captures(summary: ResultSummary, pacs_ready: bool = False, identity: D
                 patient_orientation=tuple(orientation or ("L", "P")),
             )
         except (ValueError, TypeError) as exc:
-            raise OutputError(f"overlay {number} could not be stored as a secondary capture: {exc}") from exc
+            logger.error("secondary capture %d failed: %s", number, type(exc).__name__)
+            raise OutputError(f"overlay {number} could not be stored as a secondary capture") from exc
         capture.PatientOrientation = orientation
         for keyword in ("BodyPartExamined", "Laterality"):  # anatomy, not identity: kept in both forms
             if source is not None and source.get(keyword):
@@ -742,7 +747,8 @@ def check_outputs(outputs: DicomOutputs, summary: ResultSummary) -> None:
             dcmwrite(sent, dataset)
             dcmread(io.BytesIO(sent.getvalue()))
         except Exception as exc:  # noqa: BLE001 - any failure to write or read back is a failed check
-            problems.append(f"{kind} does not write and read back as a DICOM file: {type(exc).__name__}: {exc}")
+            logger.error("%s does not write and read back: %s", kind, type(exc).__name__)
+            problems.append(f"{kind} does not write and read back as a DICOM file")
             continue
         if read.SOPClassUID != expected[kind]:
             problems.append(f"{kind} has SOP class {read.SOPClassUID}")

@@ -42,6 +42,7 @@ from pydicom.dataset import Dataset
 from core.imaging import MAX_UPLOAD_BYTES
 from core.dicom_out import PDF_SERIES_NUMBER, SR_SERIES_NUMBER, DicomOutputs, ResultSummary, build_outputs
 from core.tasks import TaskSpec
+from core.vocabulary import body_part_words, modality_words
 
 logger = logging.getLogger(__name__)
 
@@ -290,10 +291,10 @@ class Archive:
     # --- errors ----------------------------------------------------------------------------------
 
     def _failure(self, exc: Exception, action: str) -> ArchiveError:
-        """The ArchiveError for a failed request."""
+        """The ArchiveError for a failed request: words for the reader, without the archive's address or the
+        library's text (the log line `_call` writes has both)."""
         import requests
 
-        where = safe_url(self.settings.url)
         if isinstance(exc, ArchiveError):
             return exc
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
@@ -302,28 +303,27 @@ class Archive:
                 how = ("the token was refused" if self.settings.token else
                        "the user and password were refused" if self.settings.user else
                        f"it requires credentials: set {ENV_PREFIX}USER and {ENV_PREFIX}PASSWORD, or {ENV_PREFIX}TOKEN")
-                return ArchiveAuthError(f"the archive at {where} answered HTTP {status} to {action}: {how}")
+                return ArchiveAuthError(f"the archive answered HTTP {status} to {action}: {how}")
             if status == 404:
-                return ArchiveError(f"the archive at {where} has no such resource ({action}: HTTP 404); "
-                                    "check the URL ends at the DICOMweb root, e.g. .../dicom-web")
-            return ArchiveError(f"the archive at {where} answered HTTP {status} to {action}")
+                return ArchiveError(f"the archive has no such resource ({action}: HTTP 404); "
+                                    f"check that {ENV_PREFIX}URL ends at the DICOMweb root, e.g. .../dicom-web")
+            return ArchiveError(f"the archive answered HTTP {status} to {action}")
         if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
             kind = "timed out" if isinstance(exc, requests.Timeout) else "cannot be reached"
-            return ArchiveUnreachable(f"the archive at {where} {kind} ({action}, {self.settings.attempts} "
-                                      "attempt(s)); check the URL and that the server is running")
+            return ArchiveUnreachable(f"the archive {kind} ({action}, {self.settings.attempts} "
+                                      f"attempt(s)); check {ENV_PREFIX}URL and that the server is running")
         if type(exc).__name__ == "RetryError":  # dicomweb-client's retry library, after the last attempt
-            return ArchiveError(f"the archive at {where} stayed busy ({action}, {self.settings.attempts} attempts)")
+            return ArchiveError(f"the archive stayed busy ({action}, {self.settings.attempts} attempts)")
         if isinstance(exc, requests.RequestException):
-            return ArchiveError(f"the request to the archive at {where} failed ({action}): {type(exc).__name__}")
-        return ArchiveError(f"the archive at {where} sent an answer that could not be read ({action}): "
-                            f"{type(exc).__name__}")
+            return ArchiveError(f"the request to the archive failed ({action})")
+        return ArchiveError(f"the archive sent an answer that could not be read ({action})")
 
     def _call(self, action: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one ArchiveError with a readable message
             error = self._failure(exc, action)
-            logger.warning("archive %s failed: %s", action, type(exc).__name__)
+            logger.warning("archive at %s: %s failed: %s", safe_url(self.settings.url), action, type(exc).__name__)
             raise error from exc
 
     # --- QIDO-RS ---------------------------------------------------------------------------------
@@ -596,7 +596,8 @@ def suitable_series(series: Sequence[SeriesEntry], spec: TaskSpec) -> list[Serie
     fits = [s for s in series if s.modality in spec.modalities
             and (not s.body_part or not expected or s.body_part in expected)]
     if not fits:
-        held = ", ".join(f"{s.modality or '?'}{' ' + s.body_part if s.body_part else ''} "
+        # Tag values in the fixed vocabulary only (core.vocabulary): a free-text tag may name the patient.
+        held = ", ".join(f"{modality_words(s.modality) or '?'}{' ' + body_part_words(s.body_part) if s.body_part else ''} "
                          f"({s.instance_count if s.instance_count is not None else '?'} images)" for s in series)
         raise NoSuitableSeries(f"this study has no series the {spec.key} model is for "
                                f"({'/'.join(spec.modalities)}, {spec.page.lower()}); it holds: {held or 'nothing'}")

@@ -24,6 +24,7 @@ import torch
 
 from core.imaging import Scan
 from core.tasks import TaskSpec
+from core.vocabulary import known_body_part, known_modality
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,11 @@ COLOUR_SHARE = 0.05  # an image with more clearly coloured pixels than this is n
 
 def read_tags(scan: Scan, spec: TaskSpec) -> TagCheck:
     """What the file itself says about a model: DICOM tags (modality, body part), or for an ordinary image its
-    colour (X-ray, CT and MRI scans are grey; a photo or an annotated screenshot is not)."""
+    colour (X-ray, CT and MRI scans are grey; a photo or an annotated screenshot is not).
+
+    A reason names a tag value only where it is in the fixed vocabulary of `core.vocabulary`: a free-text
+    tag may name the patient.
+    """
     if scan.kind != "dicom":
         share = float(scan.info.get("colour_share", 0.0))
         if share > COLOUR_SHARE:
@@ -118,17 +123,18 @@ def read_tags(scan: Scan, spec: TaskSpec) -> TagCheck:
         return TagCheck()
     modality = scan.modality
     if modality and modality not in spec.modalities:
-        return TagCheck(f"the DICOM file says its modality is {modality}, but this model is for "
-                        f"{'/'.join(spec.modalities)} images")
+        said = f"its modality is {modality}" if known_modality(modality) else "a modality that is not a DICOM code"
+        return TagCheck(f"the DICOM file says {said}, but this model is for {'/'.join(spec.modalities)} images")
     body_part = str(scan.info.get("BodyPartExamined", "")).strip().upper()
     expected = set(spec.body_parts) or {part for m in spec.modalities for part in BODY_PARTS.get(m, ())}
     if body_part and expected and body_part not in expected:
-        return TagCheck(f"the DICOM file says the body part is {body_part}, but this model is for {spec.page.lower()} images")
+        said = f"the body part is {body_part}" if known_body_part(body_part) else "another body part"
+        return TagCheck(f"the DICOM file says {said}, but this model is for {spec.page.lower()} images")
     return TagCheck(confirms=bool(modality))
 
 
 def check_tags(scan: Scan, spec: TaskSpec) -> str | None:
-    """Reason to flag from DICOM tags, or None when they fit (or are absent)."""
+    """Reason to flag from DICOM tags (or an ordinary image's colour), or None when they fit (or are absent)."""
     return read_tags(scan, spec).reason
 
 

@@ -31,6 +31,7 @@ from core.imaging import Scan, ScanError, read_scan
 from core.models import Classifier
 from core.preprocess import EvalPreset, ModelInput
 from core.uncertainty import Spread, tta_spread
+from core.vocabulary import BODY_PARTS, MODALITIES, PLANES  # noqa: F401 - also read from here
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,9 @@ def upload_digest(data: bytes) -> str:
     return short_digest(hashlib.sha256(data).hexdigest())
 
 
-# The fixed vocabulary scan facts are told in: a tag value outside it is never shown (a BodyPartExamined
-# of "DOE^JANE MRN-0042" reads "another body part"), so no untrusted text reaches a page or a report.
-MODALITIES = frozenset({"CT", "MR", "CR", "DX", "DR", "US", "NM", "PT", "XA", "RF", "MG", "OT", "SC", "IO", "PX", "ES",
-                        "XC", "OP", "SM", "RG", "SEG", "SR", "KO", "PR"})
-BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "HEADNECK", "NEURO", "NECK", "CHEST", "THORAX", "LUNG", "PORT CHEST",
-                        "CHEST_TO_PELVIS", "CHESTABDOMEN", "CHEST ABDOMEN", "CHESTABDPELVIS", "ABDOMEN", "PELVIS",
-                        "ABDOMENPELVIS", "SPINE", "CSPINE", "TSPINE", "LSPINE", "EXTREMITY", "HAND", "FOOT", "KNEE",
-                        "HIP", "SHOULDER", "BREAST", "HEART", "WHOLEBODY"})
-PLANES = frozenset({"axial", "coronal", "sagittal"})
+# Scan facts are told in the fixed vocabulary of `core.vocabulary`: a tag value outside it is never shown
+# (a BodyPartExamined of "DOE^JANE MRN-0042" reads "another body part"), so no untrusted text reaches a page
+# or a report.
 IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "MPO"})
 
 
@@ -93,13 +88,37 @@ def _syntax_name(value: str) -> str:
     return "unknown transfer syntax"
 
 
+def internal_error(digest: str) -> str:
+    """The reader's message for a failure on the server's side: plain words and the upload's short hash (which the
+    log line carries too), never the library's text."""
+    return (f"Something went wrong on the server while analysing this file (reference {digest or 'none'}); the file "
+            "itself may be fine. Try again, or try another export of the image.")
+
+
+def failure_detail(exc: BaseException) -> str:
+    """What a log line says of an unexpected exception: its type and where it was raised (file:line, function).
+
+    Not its message: library messages can quote the values they choked on, and those come from the upload.
+    """
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    parts = last.filename.replace("\\", "/").split("/")
+    where = "/".join(parts[-2:])  # package/module.py: no server path
+    return f"{type(exc).__name__} at {where}:{last.lineno} in {last.name}"
+
+
 @dataclass(frozen=True)
 class Refusal:
     """An upload that gave no analysis.
 
     Attributes:
         status: "rejected" (the file cannot be read, or is not a scan this app reads; the reason is
-            for the reader) or "error" (something failed here; the reason names only the error type).
+            for the reader) or "error" (something failed here; the reason says so in plain words, with the
+            upload's short hash that the log line also carries).
         reason: The message for the reader.
         digest: The upload's short hash.
         kind: For a rejected file, why, for a machine (`core.imaging.ScanError.kind`): "unreadable",
@@ -243,8 +262,8 @@ def prepare(data: bytes, filename: str | None, classifier: Classifier) -> tuple[
         logger.info("upload %s rejected for %s", digest, classifier.spec.key)
         return Refusal("rejected", str(exc), digest, exc.kind)
     except Exception as exc:  # noqa: BLE001 - one bad file must never stop the rest; the type is logged, not the file
-        logger.error("upload %s failed for %s: %s", digest, classifier.spec.key, type(exc).__name__)
-        return Refusal("error", f"internal error: {type(exc).__name__}", digest)
+        logger.error("upload %s failed for %s: %s", digest, classifier.spec.key, failure_detail(exc))
+        return Refusal("error", internal_error(digest), digest)
 
 
 def analyse(classifier: Classifier, data: bytes, filename: str | None = None) -> Analysis | Refusal:
@@ -266,8 +285,8 @@ def analyse(classifier: Classifier, data: bytes, filename: str | None = None) ->
     try:
         prediction = predict(classifier, model_input.tensor, [read_tags(scan, classifier.spec)])[0]
     except Exception as exc:  # noqa: BLE001 - the caller must survive any file; the type is logged, not the file
-        logger.error("upload %s failed for %s: %s", short_digest(sha256), classifier.spec.key, type(exc).__name__)
-        return Refusal("error", f"internal error: {type(exc).__name__}", short_digest(sha256))
+        logger.error("upload %s failed for %s: %s", short_digest(sha256), classifier.spec.key, failure_detail(exc))
+        return Refusal("error", internal_error(short_digest(sha256)), short_digest(sha256))
     logger.info("upload %s -> %s: %s", short_digest(sha256), classifier.spec.key,
                 prediction.guard.outcome if prediction.guard.refused else prediction.label)
     return Analysis(classifier, sha256, scan, model_input, prediction)
@@ -299,9 +318,9 @@ def predict_uploads(classifier: Classifier, uploads: Iterable[tuple[str, bytes |
         try:
             predictions = predict(classifier, batch, [reason for *_, reason in pending])
         except Exception as exc:  # noqa: BLE001 - a failed batch is reported per file, not raised
-            logger.error("batch of %d failed for %s: %s", len(pending), classifier.spec.key, type(exc).__name__)
+            logger.error("batch of %d failed for %s: %s", len(pending), classifier.spec.key, failure_detail(exc))
             for name, digest, _, _ in pending:
-                yield name, Refusal("error", f"internal error: {type(exc).__name__}", digest)
+                yield name, Refusal("error", internal_error(digest), digest)
         else:
             for (name, digest, _, _), prediction in zip(pending, predictions):
                 logger.info("upload %s -> %s: %s", digest, classifier.spec.key,

@@ -1,7 +1,9 @@
 """One-page PDF report of a single analysis: image, heatmap, probabilities, threshold, model identity.
 
 No patient identifiers go in: not the file name (exports are often named after the patient),
-not a DICOM tag, only the upload's short hash. The PDF is built in memory with matplotlib's
+no free DICOM tag value, only the upload's short hash. A tag value reaches the page only inside the
+wrong-input guard's reason, which names modality and body part in the fixed words of
+`core.vocabulary` ("another body part" for anything else). The PDF is built in memory with matplotlib's
 PDF backend (standard Helvetica, so the text is plain in the file) and never touches disk.
 """
 

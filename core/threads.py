@@ -22,6 +22,10 @@ Every setting can be overridden by the environment (read once, `policy()`):
 | `SECONDLOOK_INTEROP_THREADS` | 1 | torch inter-op threads |
 | `OMP_WAIT_POLICY` | PASSIVE | OpenMP's wait policy (read when torch loads) |
 
+Once no computation has run for a second, the allocator's free pages go back to the system
+(`core.allocator.release_free_memory`): a serving process then holds what it uses, not what its
+busiest moment needed (`python -m benchmarks.memory --server`, `python -m benchmarks.load`).
+
 Training is alone by design and uses every core it is given (`configure("train")`), with the same
 variables exposed.
 """
@@ -36,11 +40,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
+from core import allocator
+
 logger = logging.getLogger(__name__)
 
 ENV_THREADS = "SECONDLOOK_THREADS"
 ENV_CONCURRENCY = "SECONDLOOK_CONCURRENCY"
 ENV_INTEROP = "SECONDLOOK_INTEROP_THREADS"
+RELEASE_AFTER_S = 1.0  # idle time before freed memory goes back to the system (see `_Slots`)
 
 
 def available_cores() -> int:
@@ -130,11 +137,17 @@ def configure(role: str = "serve") -> ThreadPolicy:
 
 
 class _Slots:
-    """A counting gate in front of model computations that also knows how many are running."""
+    """A counting gate in front of model computations that also knows how many are running.
+
+    Once none has run for `RELEASE_AFTER_S`, the allocator's free pages go back to the system: not
+    at every pause (a page's prediction, heatmap and faithfulness come a few milliseconds apart,
+    and memory handed back is faulted in again by the next computation).
+    """
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self.running = 0
+        self._release: threading.Timer | None = None
 
     @contextmanager
     def acquire(self, limit: int) -> Iterator[int]:
@@ -143,12 +156,26 @@ class _Slots:
                 self._condition.wait()
             self.running += 1
             running = self.running
+            if self._release is not None:
+                self._release.cancel()
+                self._release = None
         try:
             yield running
         finally:
             with self._condition:
                 self.running -= 1
+                if self.running == 0:
+                    self._release = threading.Timer(RELEASE_AFTER_S, self._release_if_idle)
+                    self._release.daemon = True
+                    self._release.start()
                 self._condition.notify()
+
+    def _release_if_idle(self) -> None:
+        with self._condition:
+            if self.running:
+                return
+            self._release = None
+        allocator.release_free_memory()
 
 
 _SLOTS = _Slots()

@@ -47,9 +47,10 @@ def png_bytes() -> bytes:
 
 @pytest.fixture(autouse=True)
 def feedback_file(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Readers' feedback goes to a fresh temporary file in every test, never to the home folder."""
-    path = tmp_path_factory.mktemp("feedback") / "feedback.csv"
+    """Readers' feedback goes to a fresh temporary store in every test, never to the home folder; no export token."""
+    path = tmp_path_factory.mktemp("feedback") / "feedback.sqlite3"
     monkeypatch.setenv("SECONDLOOK_FEEDBACK", str(path))
+    monkeypatch.delenv("SECONDLOOK_ADMIN_TOKEN", raising=False)
     return path
 
 

@@ -165,9 +165,12 @@ def test_inside_the_indeterminate_band_the_page_says_uncertain() -> None:
         card.indeterminate = saved
 
 
-def test_feedback_is_stored_as_hash_and_words_and_exported(feedback_file) -> None:
+def test_feedback_is_stored_as_hash_and_words_and_exported(feedback_file, monkeypatch) -> None:
     import csv
     import hashlib
+    import io
+
+    from core.feedback import ENV_ADMIN_TOKEN, export_feedback, read_feedback
 
     data = encode(synthetic_slice(200, seed=7))
     at = page("Brain MRI")
@@ -177,16 +180,20 @@ def test_feedback_is_stored_as_hash_and_words_and_exported(feedback_file) -> Non
     next(b for b in at.button if b.label == "Save my read").click().run()
     assert not at.exception, at.exception
     assert any("Saved: disagree" in s.value for s in at.success)
-    rows = list(csv.DictReader(feedback_file.open(encoding="utf-8")))
+    rows = read_feedback(feedback_file)
     assert len(rows) == 1
     row = rows[0]
     assert row["upload_sha256"] == hashlib.sha256(data).hexdigest() and row["model"] == "brain_mri"
-    assert row["verdict"] == "disagree" and row["comment"].startswith("'=HYPERLINK")  # no live formula
-    text = feedback_file.read_text(encoding="utf-8")
-    assert "Doe_Jane" not in text and len(text) < 2000  # no file name, no pixels
+    assert row["verdict"] == "disagree" and row["comment"].startswith("=HYPERLINK")
+    exported = list(csv.DictReader(io.StringIO(export_feedback(feedback_file).decode("utf-8"))))
+    assert exported[0]["comment"].startswith("'=HYPERLINK")  # no live formula in the export
+    stored = b"".join(p.read_bytes() for p in feedback_file.parent.iterdir())
+    assert b"Doe_Jane" not in stored and len(stored) < 64 * 1024  # no file name, no pixels
 
+    monkeypatch.setenv(ENV_ADMIN_TOKEN, "a-long-administrator-token-0123")
     cards = page("Model cards")
     assert "1 verdicts stored" in page_texts(cards)
+    cards.text_input(key="feedback_token").input("a-long-administrator-token-0123").run()
     assert not next(b for b in cards.get("download_button") if "feedback" in b.proto.label).proto.disabled
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import re
 import threading
@@ -62,16 +63,16 @@ def test_pdf_report_says_uncertain_inside_the_band() -> None:
     assert b"uncertain: covid19 49%, near its 48% threshold" in pdf_text(render_pdf(ReportContent(image, image, prediction, card, "x", "covid19", "Grad-CAM")))
 
 
-def test_feedback_rows_are_validated_neutralised_and_safe_under_threads(tmp_path) -> None:
-    path = tmp_path / "fb.csv"
+def test_feedback_rows_are_validated_exported_neutralised_and_safe_under_threads(tmp_path) -> None:
+    path = tmp_path / "fb.sqlite3"
     with pytest.raises(ValueError, match="verdict"):
         make_feedback(SHA, "m", "1", "w", "a", "maybe")
     with pytest.raises(ValueError, match="sha256"):
         make_feedback("short", "m", "1", "w", "a", "agree")
     with pytest.raises(ValueError, match="longer"):
         make_feedback(SHA, "m", "1", "w", "a", "agree", comment="x" * 5000)
-    entry = make_feedback(SHA, "brain_mri", "1", "w", "glioma (0.9)", "disagree", "@SUM(A1)", "+cmd|' /C calc'!A0")
-    assert entry.reader_label.startswith("'@") and entry.comment.startswith("'+")
+    entry = make_feedback(SHA, "brain_mri", "1", "w", "glioma (0.9)", "disagree", "@SUM(A1)", "\u200b+cmd|' /C calc'!A0")
+    assert entry.reader_label == "@SUM(A1)"  # kept as written; the export quotes it
 
     def write(n: int) -> None:
         for _ in range(n):
@@ -82,9 +83,13 @@ def test_feedback_rows_are_validated_neutralised_and_safe_under_threads(tmp_path
         thread.start()
     for thread in threads:
         thread.join()
+    record_feedback(entry, path)
     rows = read_feedback(path)
-    assert len(rows) == 100 and all(r["comment"] == "line one\nline two" for r in rows)
-    assert feedback_csv(rows).decode().splitlines()[0] == ",".join(COLUMNS)
+    assert len(rows) == 101 and all(r["comment"] == "line one\nline two" for r in rows[:100])
+    exported = feedback_csv(rows).decode()
+    assert exported.splitlines()[0] == ",".join(COLUMNS)
+    last = list(csv.DictReader(io.StringIO(exported)))[-1]
+    assert last["reader_label"] == "'@SUM(A1)" and last["comment"].startswith("'") and "+cmd" in last["comment"]
 
 
 def _zip(members: dict[str, bytes]) -> bytes:

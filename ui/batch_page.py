@@ -6,18 +6,18 @@ Everything stays in memory; the table and the CSV carry the file names the reade
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections.abc import Iterator
 
 import streamlit as st
 
 from core.archive import ArchiveError, UploadBudget, display_name, is_zip, open_zip
+from core.csv_export import csv_bytes
 from core.models import WeightsError
 from core.pipeline import BATCH_SIZE, Refusal, predict_uploads, result_row
 from core.study import study_rows
 from core.tasks import TASKS, TaskSpec
+from ui import plain
 from ui.cache import get_classifier
 from ui.widgets import disclaimer
 
@@ -68,13 +68,8 @@ def table_rows(rows: list[dict], spec: TaskSpec) -> list[dict]:
 
 
 def rows_csv(rows: list[dict]) -> bytes:
-    """The table as CSV bytes."""
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return buffer.getvalue().encode("utf-8")
+    """The table as CSV bytes (`core.csv_export`: a file name that could run as a formula is quoted)."""
+    return csv_bytes(rows)
 
 
 def run_batch(spec: TaskSpec, files: list, started: list[int] | None = None) -> Iterator[dict]:
@@ -106,7 +101,7 @@ def render_batch_page() -> None:
     try:
         get_classifier(key)
     except (WeightsError, ValueError) as exc:
-        st.error(f"The model '{spec.title}' cannot be loaded: {exc}")
+        plain.model_unavailable(spec.title, key, exc)
         return
     files = st.file_uploader("Upload scans or ZIP archives of scans (PNG, JPEG, WebP, TIFF, BMP, DICOM)",
                              accept_multiple_files=True, key="batch_files")

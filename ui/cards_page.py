@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+
 import streamlit as st
 
 from core.cards import Intervals, ModelCard
 from core.decision import finding_reliability
-from core.feedback import feedback_csv, feedback_path, read_feedback
+from core.feedback import ENV_ADMIN_TOKEN, admin_token_configured, count_feedback, export_feedback, is_admin_token
 from core.models import WeightsError
 from core.tasks import TASKS, describe_preprocessing
+from ui import plain
 from ui.cache import get_classifier
 from ui.widgets import confusion_figure, disclaimer, reliability_figure, roc_figure
 
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro-F1",
                 "roc_auc": "ROC-AUC", "sensitivity": "Sensitivity at the threshold",
                 "specificity": "Specificity at the threshold"}
+logger = logging.getLogger(__name__)
+
 APPRAISE_HINT = "python -m core.lab.appraisal --task {key} --data ../shared/data/{key}"
 
 
@@ -232,13 +237,34 @@ def render_card(card: ModelCard) -> None:
 
 
 def feedback_export() -> None:
-    """Download every reader verdict stored on this server."""
+    """How many verdicts this server holds; the CSV of all of them for its administrator only.
+
+    The count is one SQL count, the export is read from the store only when the button is clicked.
+    """
     st.header("Readers' feedback")
-    rows = read_feedback()
-    st.markdown(f"{len(rows)} verdicts stored on this server ({feedback_path().name}): upload hash, model, model output, "
-                "verdict, the reader's class and comment. Never the image.")
-    st.download_button("Download all feedback (CSV)", data=feedback_csv(rows), file_name="secondlook-feedback.csv",
-                       mime="text/csv", on_click="ignore", disabled=not rows, key="feedback_download")
+    try:
+        count = count_feedback()
+    except OSError as exc:
+        plain.failure("The feedback store on this server cannot be read; the server's log says why.", exc,
+                      "feedback store unreadable")
+        return
+    st.markdown(f"{count} verdicts stored on this server: upload hash, model, model output, verdict, the reader's "
+                "class and comment. Never the image.")
+    if not admin_token_configured():
+        st.caption(f"Export is off on this server: the administrator turns it on by setting {ENV_ADMIN_TOKEN} "
+                   "(16 characters or more) and exports here with that token, or on the server with "
+                   "`python -m core.feedback export`.")
+        return
+    token = st.text_input("Administrator token (to export every reader's verdicts)", type="password",
+                          key="feedback_token")
+    if not token:
+        return
+    if not is_admin_token(token):
+        logger.warning("feedback export refused: wrong administrator token")
+        plain.error("That is not this server's administrator token.")
+        return
+    st.download_button("Download all feedback (CSV)", data=export_feedback, file_name="secondlook-feedback.csv",
+                       mime="text/csv", on_click="ignore", disabled=not count, key="feedback_download")
 
 
 def render_cards_page() -> None:
@@ -251,7 +277,7 @@ def render_cards_page() -> None:
     try:
         card = get_classifier(key).card
     except (WeightsError, ValueError) as exc:
-        st.error(f"The model '{TASKS[key].title}' cannot be loaded: {exc}")
+        plain.model_unavailable(TASKS[key].title, key, exc)
         return
     render_card(card)
     feedback_export()

@@ -32,6 +32,7 @@ from core.preprocess import display_rgb
 from core.report import ReportContent, render_pdf
 from core.tasks import CT_WINDOW_PRESETS, TaskSpec, describe_preprocessing, tasks_for_page
 from core.study import is_study
+from ui import plain
 from ui.cache import get_classifier
 from ui.study_page import SlicePanels, accepts_studies, render_study_view
 from ui.widgets import (VIEWER_CONFIG, card_summary, disclaimer, findings_chart, png_bytes, probability_chart,
@@ -100,7 +101,7 @@ def show_answer(classifier: Classifier, analysis: Analysis) -> None:
     prediction, card, spec = analysis.prediction, classifier.card, classifier.spec
     st.subheader(f"Model output: {prediction.headline_text()}")
     if prediction.guard.warned:
-        st.warning(f"Borderline input. {prediction.guard.reason}", icon="⚠️")
+        plain.warning(f"Borderline input. {prediction.guard.reason}", icon="⚠️")
     if prediction.uncertain and card.indeterminate is not None:
         band = card.indeterminate.classes
         test, measured = band.test, ""
@@ -343,7 +344,7 @@ def render_task_page(page: str) -> None:
     try:
         classifier = get_classifier(spec.key)
     except (WeightsError, ValueError) as exc:
-        st.error(f"The model '{spec.title}' cannot be loaded: {exc}")
+        plain.model_unavailable(spec.title, spec.key, exc)
         return
     studies = accepts_studies(spec)
     with col_upload:
@@ -364,11 +365,11 @@ def render_task_page(page: str) -> None:
     uploaded = uploads[0]
     result = analyse_upload(classifier, uploaded.getvalue(), uploaded.name)
     if isinstance(result, str):
-        st.error(result)
+        plain.error(result)
         return
     message = plane_mismatch(result.scan, spec)
     if message:
-        st.warning(message)
+        plain.warning(message)
     if result.prediction.guard.refused and not confirm_flagged(spec, result):
         show_scan_notes(result, spec)
         return
@@ -403,11 +404,11 @@ def feedback_form(classifier: Classifier, analysis: Analysis) -> None:
                                                  f"{output} ({float(prediction.probabilities[prediction.index]):.3f})",
                                                  verdict, label, comment))
         except (ValueError, OSError) as exc:
-            st.error(f"Your read could not be saved: {exc}")
+            plain.failure("Your read could not be saved; the server's log says why.", exc, "feedback not saved")
             return
         logger.info("feedback %s on upload %s: %s", card.key, analysis.digest, verdict)
         st.success(f"Saved: {verdict}. Stored on this server in {path.name} (the image hash, model, verdict and comment; "
-                   "never the image). Export it from the Model cards page.")
+                   "never the image). The server's administrator can export it from the Model cards page.")
 
 
 def confirm_flagged(spec: TaskSpec, analysis: Analysis) -> bool:
