@@ -44,12 +44,17 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
             1000 * ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))])
 
 
+# Fewer calls and a smaller batch only for the command's smoke test (tests/test_benchmarks.py).
+MIN_CALLS = int(os.environ.get("SECONDLOOK_BENCH_MIN_CALLS", "5"))
+BATCH = int(os.environ.get("SECONDLOOK_BENCH_BATCH", "16"))
+
+
 def run_for(fn, seconds: float, warmup: int = 2) -> list[float]:
-    """Call `fn` repeatedly for about `seconds` (at least 5 times) after `warmup` untimed calls; the timings."""
+    """Call `fn` repeatedly for about `seconds` (at least `MIN_CALLS` times) after `warmup` untimed calls; the timings."""
     for _ in range(warmup):
         fn()
     times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
+    while time.perf_counter() < end or len(times) < MIN_CALLS:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -112,8 +117,8 @@ def ours(key: str, clients: int, seconds: float) -> dict:
         lambda: analyse(classifier, data, "scan.png").heatmap(target, "Grad-CAM"), seconds / 3))
     out["cam_ms"] = [max(0.0, c - p) for c, p in zip(out["cam_ms"], out["predict_ms"])]  # the heatmap's own share
     batch = torch.cat([EvalPreset(classifier.spec)(read_scan(encode(synthetic_slice(512, seed=s)), "x.png")).tensor
-                       for s in range(16)])
-    out["throughput"] = 16 / statistics.median(run_for(lambda: predict(classifier, batch), seconds / 3, warmup=1))
+                       for s in range(BATCH)])
+    out["throughput"] = BATCH / statistics.median(run_for(lambda: predict(classifier, batch), seconds / 3, warmup=1))
     del analysis
     return out
 
@@ -151,13 +156,13 @@ def baseline(clients: int, seconds: float) -> dict:
         return {**out, **concurrent(lambda: (predict(), cam()), clients, seconds)}
     out["predict_ms"] = percentiles(run_for(predict, seconds / 3))
     out["cam_ms"] = percentiles(run_for(cam, seconds / 3))
-    batch = torch.cat([read() for _ in range(16)])
+    batch = torch.cat([read() for _ in range(BATCH)])
 
     def forward() -> None:
         with torch.no_grad():
             model(batch)
 
-    out["throughput"] = 16 / statistics.median(run_for(forward, seconds / 3, warmup=1))
+    out["throughput"] = BATCH / statistics.median(run_for(forward, seconds / 3, warmup=1))
     return out
 
 
@@ -239,6 +244,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conditions", nargs="*", default=list(CONDITIONS), choices=CONDITIONS)
     parser.add_argument("--seconds", type=float, default=12.0, help="measuring time per figure group")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--no-baseline", action="store_true", help="measure only the project's path")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "ours:KEY" or "baseline", in a subprocess
     parser.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
     return parser
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine(), "conditions": {}}
     for condition in args.conditions:
         results["conditions"][condition] = {}
-        for subject in [f"ours:{key}" for key in args.models] + ["baseline"]:
+        for subject in [f"ours:{key}" for key in args.models] + ([] if args.no_baseline else ["baseline"]):
             print(f"{condition}: {subject}...", file=sys.stderr, flush=True)
             results["conditions"][condition][subject.removeprefix("ours:")] = measure(subject, condition, args.seconds)
     print(report(results))
