@@ -149,6 +149,8 @@ def test_model_cards_page_shows_findings_acquisition_and_grouped_thresholds() ->
     at.selectbox[0].set_value("head_ct").run()
     assert not at.exception, at.exception
     assert "Findings (independent outputs)" in [s.value for s in at.subheader]
+    assert "Study call (a whole series)" in [s.value for s in at.subheader]
+    assert "hemorrhage when the" in page_texts(at) and "patients" in " ".join(t.value.to_csv() for t in at.table)
     tables = " ".join(t.value.to_csv() for t in at.table)
     assert "subdural" in tables and "patients with hemorrhage" in tables
     at.selectbox[0].set_value("brain_mri").run()

@@ -10,6 +10,7 @@ from core.cards import Intervals, ModelCard
 from core.decision import finding_reliability
 from core.feedback import ENV_ADMIN_TOKEN, admin_token_configured, count_feedback, export_feedback, is_admin_token
 from core.models import WeightsError
+from core.study import study_rule
 from core.tasks import TASKS, describe_preprocessing
 from ui import plain
 from ui.cache import get_classifier
@@ -161,6 +162,32 @@ def findings_table(card: ModelCard) -> None:
                "patients. Where few positive slices stand behind a row, read its figures as anecdotes.")
 
 
+def study_section(card: ModelCard) -> None:
+    """The study-level call (a whole series): its rule and, where patients exist, its figures on test patients."""
+    section = card.study
+    rule = study_rule(card, TASKS[card.key])
+    st.subheader("Study call (a whole series)")
+    st.markdown(f"**Rule:** {rule.describe()}. " + (f"Threshold: {section.get('threshold_rule', '')}." if section else ""))
+    if not section or not section.get("validated"):
+        st.caption(section.get("note", "") if section else "No study calibration in this card: `python -m core.lab.study`"
+                   " writes one.")
+        st.caption("This study call was not validated per patient (the data have no patient IDs).")
+        return
+    rows = []
+    for side in ("validation", "test"):
+        figures = section.get(side) or {}
+        row = {"patients": side, "n": figures.get("patients"), "with the finding": figures.get("positives")}
+        for name in ("roc_auc", "sensitivity", "specificity"):
+            value = figures.get(name) or {}
+            row[name.replace("_", "-").upper() if name == "roc_auc" else name] = (
+                f"{_num(value.get('estimate'))} [{_num(value.get('low'))} - {_num(value.get('high'))}]"
+                + (f" ({value['count']})" if value.get("count") else ""))
+        rows.append(row)
+    st.table(rows)
+    st.caption(f"Unit: {section.get('unit', 'patient')}. Intervals: {section.get('bootstrap', {}).get('interval', '')}. "
+               f"Command: `{section.get('command', '')}`.")
+
+
 def acquisition_section(card: ModelCard) -> None:
     """Whether image size / aspect / border give the label away, and the model on re-framed images."""
     section = card.acquisition
@@ -212,6 +239,7 @@ def render_card(card: ModelCard) -> None:
         st.markdown("**Operating rule:** the most probable class (no threshold).")
     curves(card)
     findings_table(card)
+    study_section(card)
     st.subheader("Explanations")
     explanations(card)
     shortcut_audit(card)
