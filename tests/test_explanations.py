@@ -193,3 +193,26 @@ def test_bundled_cards_carry_intervals_curves_band_and_a_measured_default(key: s
     sanity = card.explanations.sanity_check
     assert sanity.stages[0] == "classifier" and set(sanity.methods) == set(METHODS)
     json.dumps(card.explanations.to_dict())  # plain JSON
+
+
+def test_tta_and_ensemble_scoring_average_views_and_choose_thresholds_on_validation() -> None:
+    """core.lab.ensemble: views averaged in calibrated probability; each variant's threshold chosen on its own
+    validation probabilities by the card's rule."""
+    from core.lab.ensemble import member_probabilities, scored
+
+    classifier = load_model(get_task("ct_covid"))
+    images = [synthetic_slice(224, seed=s) for s in range(3)]
+    plain, views = member_probabilities(classifier, images, 0), member_probabilities(classifier, images, 4)
+    assert plain.shape == views.shape == (3, 2) and np.allclose(views.sum(axis=1), 1.0)
+    assert not np.allclose(plain, views)  # augmented views move the average
+    spec = get_task("ct_covid")
+    rng = np.random.default_rng(0)
+    targets = {side: rng.integers(0, 2, 60) for side in ("val", "test")}
+    probs = {side: np.stack([0.2 + 0.6 * (t == 0) + rng.normal(0, 0.1, 60), np.zeros(60)], axis=1)
+             for side, t in targets.items()}
+    for p in probs.values():
+        p[:, 0] = np.clip(p[:, 0], 0.01, 0.99)
+        p[:, 1] = 1 - p[:, 0]
+    figures = scored(spec, probs, targets, min_sensitivity=0.95)
+    assert figures["val"]["sensitivity"] >= 0.95 and 0 < figures["threshold"] < 1
+    assert figures["test"]["roc_auc"] > 0.9
