@@ -44,6 +44,7 @@ from core.study import (
     upload_digest,
 )
 from core.tasks import TaskSpec
+from ui.dicom_downloads import study_downloads
 from ui.widgets import findings_chart, probability_chart
 
 logger = logging.getLogger(__name__)
@@ -265,6 +266,7 @@ def show_study_answer(classifier: Classifier, analysis: StudyAnalysis, prefix: s
     st.download_button("Download the study report (PDF)", mime="application/pdf", on_click="ignore",
                        data=partial(study_pdf, analysis), file_name=f"secondlook-{spec.key}-study-report.pdf",
                        key=f"study_report_{prefix}")
+    study_downloads(analysis, prefix)
 
 
 def study_pdf(analysis: StudyAnalysis) -> bytes:
