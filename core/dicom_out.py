@@ -644,6 +644,10 @@ def write_pdf(summary: ResultSummary, pacs_ready: bool = False, identity: Datase
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.FileMetaInformationVersion = b"\x00\x01"
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    # With its group length (type 1; pydicom computes the value when it writes): its plain dcmwrite,
+    # which STOW-RS through dicomweb-client uses, writes only the file meta elements present, and
+    # the archive would hold a file without it.
+    meta.FileMetaInformationGroupLength = 0
     # A FileDataset with a preamble: dicomweb-client writes each instance with pydicom's plain
     # dcmwrite, which leaves out the preamble and "DICM" of a bare Dataset, and the archive then
     # serves back a file no reader opens.
