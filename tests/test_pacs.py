@@ -529,10 +529,14 @@ def test_api_study_format_errors(api) -> None:
     assert answer.status_code == 400 and answer.json()["error"] == "bad_file"
     import nibabel as nib
 
-    volume = nib.Nifti1Image(np.zeros((32, 32, 4), np.int16), np.eye(4))
-    nifti = {"file": ("v.nii", volume.to_bytes(), "application/octet-stream")}
+    from tests.dicom_study import head_ct_slice
+
+    hu = np.stack([head_ct_slice(z, z in (3, 4, 5)).astype(np.int16) - 1024 for z in range(8)], axis=-1)
+    nifti = {"file": ("v.nii", nib.Nifti1Image(hu, np.diag([1.6, 1.6, 5.0, 1.0])).to_bytes(), "application/octet-stream")}
     answer = api.post("/v1/studies/head_ct?format=dicom-sr&pacs_ready=true", files=nifti)
-    assert answer.status_code in (400, 422), answer.text
+    assert answer.status_code == 400 and "pacs_ready needs a DICOM study" in answer.json()["reason"]
+    sr = dcmread(io.BytesIO(api.post("/v1/studies/head_ct?format=dicom-sr", files=nifti).content))
+    assert sr.SOPClassUID == ComprehensiveSRStorage  # identifier-free, without key slice references
 
 
 def test_api_single_image_dicom_sr_validates(api) -> None:

@@ -165,9 +165,9 @@ def _buttons(cache: OutputCache, key: Hashable, build: Callable[[], DicomOutputs
               "DICOM secondary capture of the overlay (SC)", f"{stem}-sc.zip" if zipped else f"{stem}-sc.dcm",
               "application/zip" if zipped else DICOM_MIME),
              ("pdf", "The PDF report as DICOM (Encapsulated PDF)", f"{stem}-pdf.dcm", DICOM_MIME)]
-    for column, (kind, label, name, mime) in zip(st.columns(len(items)), items):
-        column.download_button(label, data=partial(_file, cache, key, build, kind, f"{stem}-sc"), mime=mime,
-                               file_name=name, on_click="ignore", key=f"dicom_{kind}_{prefix}")
+    for kind, label, name, mime in items:  # one under the other: the study view's column is narrow
+        st.download_button(label, data=partial(_file, cache, key, build, kind, f"{stem}-sc"), mime=mime,
+                           file_name=name, on_click="ignore", key=f"dicom_{kind}_{prefix}")
 
 
 def _study_outputs(analysis: StudyAnalysis, pacs_ready: bool) -> DicomOutputs:

@@ -13,7 +13,8 @@ slice goes through the model with a progress bar (`core.study.analyse_series`). 
 - the shown slice in the display window presets, and on demand its heatmap with every control of
   the single-image page (the task page hands over its `cam_panel` and `viewer_image`, so this module
   does not import it back; computed once per slice, output and method);
-- the series listing (plain table), the left-outs and the warnings (plain text), the study report (PDF).
+- the series listing (plain table), the left-outs and the warnings (plain text), the study report (PDF);
+- its DICOM outputs, and "Send results to archive" for a study the Archive page opened (`ui.dicom_downloads`).
 
 Per-session results live in `st.session_state` (never `st.cache_data`). Untrusted text (file
 names, series descriptions) appears only in `st.dataframe` cells, never in Markdown.
