@@ -38,7 +38,16 @@ from core.dicom_out import (
     summary_from_prediction,
     to_bytes,
 )
-from core.dicomweb import Archive, ArchiveError, NoSuitableSeries, StoreError, StoreResult, safe_url, suitable_series
+from core.dicomweb import (
+    Archive,
+    ArchiveError,
+    NoSuitableSeries,
+    SeriesEntry,
+    StoreError,
+    StoreResult,
+    safe_url,
+    suitable_series,
+)
 from core.imaging import ScanError, is_dicom, parse_dicom
 from core.models import Classifier
 from core.pipeline import BATCH_SIZE, Analysis, Refusal
@@ -232,7 +241,7 @@ def archive_name(archive: Archive, study_uid: str) -> str:
     return f"{safe_url(archive.settings.url)}/studies/{study_uid}"
 
 
-def fetch_files(archive: Archive, series: Sequence[Any]) -> list[tuple[str, bytes]]:
+def fetch_files(archive: Archive, series: Sequence[SeriesEntry]) -> list[tuple[str, bytes]]:
     """The instances of archived series as (name, DICOM file bytes), what an upload of them would give.
 
     Raises:

@@ -144,6 +144,8 @@ def render_archive_page() -> None:
             st.info("No study in the archive matches these filters.")
         else:
             st.dataframe(study_table(studies, settings.show_names), hide_index=True)
+            if len(studies) >= SEARCH_LIMIT:
+                st.caption(f"The first {SEARCH_LIMIT} studies found; narrow the dates to see the others.")
             chosen = st.selectbox("Study", range(len(studies)), key="archive_study",
                                   format_func=lambda i: study_choice(studies[i], i + 1))
             if st.button("Open this study", key="archive_open"):

@@ -28,7 +28,6 @@ from pydicom.dataset import Dataset
 
 from core.dicom_out import PDF_SERIES_NUMBER, SR_SERIES_NUMBER, DicomOutputs, build_outputs, to_bytes
 from core.dicomweb import Archive, ArchiveError, archive_settings
-from core.models import Classifier
 from core.pacs import StoredOutputs, captures_zip, image_summary, store_study, study_sources, study_summary, \
     upload_source
 from core.pipeline import Analysis
