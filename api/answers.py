@@ -1,4 +1,4 @@
-"""What the API answers for one upload: the `core.predict` row, the heatmap, the DICOM outputs.
+"""What the API answers for one upload: the `core.predict` row, the heatmap, the DICOM outputs (of a scan or a study).
 
 Everything here runs in a worker thread (the model computations inside `core.threads` slots);
 every decision comes from `core.pipeline` (`analyse`, `result_row`) and every DICOM byte from
@@ -188,6 +188,55 @@ def dicom_answer(analysis: Analysis, upload: Upload, options: Options) -> tuple[
     return to_bytes(dataset), f"secondlook-{analysis.key}-{kind}-{analysis.digest}.dcm"
 
 
+def study_dicom_answer(classifier: Classifier, upload: Upload, options: Options) -> Answer:
+    """The SR (one DICOM file) or the key slice captures (a ZIP of DICOM files) of a study's default series.
+
+    The series the model reads by default (`core.study.analyse_series`), its study call and key
+    slices, through `core.pacs.study_summary` (the app's and the command line's outputs).
+
+    Raises:
+        ApiError: 400 for an upload that is not a study or pacs_ready without DICOM; 422 where the
+            series cannot be analysed or the guard refuses it (with its row); 500 for a failure here.
+    """
+    from core.pacs import captures_zip, study_summary
+    from core.series import StudyError
+    from core.study import StudyAnalysis, analyse_series, read_upload, study_row, upload_digest
+
+    files = [(upload.filename or "", upload.data)]
+    try:
+        study = read_upload(files, classifier.spec)
+    except (StudyError, ScanError) as exc:
+        raise ApiError(400, "bad_file", str(exc)) from None
+    outcome = analyse_series(classifier, study, digest=upload_digest(files))
+    name = upload.filename or ""
+    body = {"model": model_identity(classifier), "digest": outcome.digest}
+    if isinstance(outcome, Refusal):
+        row = study_row(name, outcome, study=study, detail=True)
+        if outcome.status == "error":
+            raise ApiError(500, "internal_error", outcome.reason, {**row, **body})
+        raise ApiError(422, "out_of_range", outcome.reason, {**row, **body})
+    if not isinstance(outcome, StudyAnalysis):
+        raise RuntimeError("an analysis that is neither a study analysis nor a refusal")
+    if outcome.prediction.flag:
+        row = study_row(name, outcome, detail=True)
+        raise ApiError(422, "out_of_range", row["reason"], {**row, **body})
+    try:
+        summary = study_summary(outcome, method=options.method, target=options.target,
+                                with_pdf=False)
+        if options.pacs_ready and not summary.sources:
+            raise ApiError(400, "bad_request", "pacs_ready needs a DICOM study (its identifiers are what it copies).")
+        outputs = build_outputs(summary, pacs_ready=options.pacs_ready)
+    except (OutputError, ValueError) as exc:
+        logger.error("study %s: DICOM output failed: %s", outcome.digest, type(exc).__name__)
+        raise ApiError(500, "internal_error", f"internal error: the DICOM output failed its checks "
+                                              f"({type(exc).__name__})") from None
+    stem = f"secondlook-{classifier.spec.key}-study"
+    if options.format == "dicom-sr":
+        return Answer(dicom=to_bytes(outputs.sr), filename=f"{stem}-sr-{outcome.digest}.dcm")
+    return Answer(dicom=captures_zip(outputs, f"{stem}-sc-{outcome.digest}"), filename=f"{stem}-sc-{outcome.digest}.zip",
+                  media_type="application/zip")
+
+
 @dataclass(frozen=True)
 class Answer:
     """A 200 answer: a JSON body, or DICOM bytes with their file name."""
@@ -195,6 +244,7 @@ class Answer:
     body: dict | None = None
     dicom: bytes | None = None
     filename: str | None = None
+    media_type: str = "application/dicom"
 
 
 def answer(classifier: Classifier, upload: Upload, options: Options) -> Answer:

@@ -7,7 +7,9 @@ Endpoints (OpenAPI docs at /docs):
 - `POST /v1/predict/{key}`: one scan (multipart field `file`, or the raw bytes) -> the
   `python -m core.predict` row; `?heatmap=gradcam&target=CLASS` adds the heatmap;
   `?format=dicom-sr|dicom-sc` answers with a DICOM file instead.
-- `POST /v1/studies/{key}`: a study (ZIP of DICOM files, NIfTI), once `core.study` exists.
+- `POST /v1/studies/{key}`: a study (ZIP of DICOM files, NIfTI), once `core.study` exists: one row per series;
+  `?format=dicom-sr` answers with the structured report of the default series (study call, key
+  slices), `?format=dicom-sc` with a ZIP of its key slices' overlay captures.
 - `GET /healthz` (the process answers), `GET /readyz` (every model loaded), `GET /metrics`.
 
 Uploads are read into memory only (`api.uploads`), analysed in a worker thread by
@@ -42,7 +44,7 @@ from core import threads
 from core.explain import COLORMAPS
 from core.tasks import get_task
 
-from api.answers import FORMATS, METHOD_NAMES, Options, answer, method_of, model_identity
+from api.answers import FORMATS, METHOD_NAMES, Answer, Options, answer, method_of, model_identity, study_dicom_answer
 from api.errors import ApiError, SafeJSONResponse
 from api.metrics import Instrumented, Metrics
 from api.registry import ModelRegistry
@@ -231,6 +233,13 @@ def create_app(settings: ApiSettings | None = None, registry: ModelRegistry | No
         """The model card (JSON) of a served model, as bundled beside its weights."""
         return jsonable_encoder(asdict(registry.get(key).card))
 
+    def dicom_or_json(result: Answer) -> Response:
+        """A DICOM (or ZIP) attachment, or the JSON body."""
+        if result.dicom is not None:
+            return Response(result.dicom, media_type=result.media_type,
+                            headers={"Content-Disposition": f'attachment; filename="{result.filename}"'})
+        return SafeJSONResponse(result.body)
+
     @v1.post("/predict/{key}", summary="Predict one scan", openapi_extra=UPLOAD_BODY, responses=ERROR_RESPONSES,
              dependencies=[Depends(capacity.admit)])
     async def predict(
@@ -256,21 +265,34 @@ def create_app(settings: ApiSettings | None = None, registry: ModelRegistry | No
         options.check(classifier)
         upload = await read_upload(request.headers, request.stream(), settings.max_request_bytes, filename)
         result = await analysts.run(answer, classifier, upload, options)
-        if result.dicom is not None:
-            return Response(result.dicom, media_type="application/dicom",
-                            headers={"Content-Disposition": f'attachment; filename="{result.filename}"'})
-        return SafeJSONResponse(result.body)
+        return dicom_or_json(result)
 
     @v1.post("/studies/{key}", summary="Predict one study (once the study pipeline is there)",
              openapi_extra=UPLOAD_BODY, responses=ERROR_RESPONSES, dependencies=[Depends(capacity.admit)])
-    async def predict_study(key: str, request: Request, filename: str | None = Query(None)) -> Response:
+    async def predict_study(
+        key: str,
+        request: Request,
+        filename: str | None = Query(None),
+        format: str = Query("json", description=f"one of {', '.join(FORMATS)}: one row per series, or for the "
+                                                "series the model reads by default its DICOM structured report "
+                                                "(study call, key slices) / a ZIP of its key slices' overlay captures"),
+        heatmap: str | None = Query(None, description="CAM method of the key slices' captures (default: the card's "
+                                                      "most faithful)"),
+        target: str | None = Query(None, description="output the captures explain (default: the call)"),
+        pacs_ready: bool = Query(False, description="DICOM output with the study's patient and study identifiers "
+                                                    "and references (default: identifier-free)"),
+    ) -> Response:
         """A study (a ZIP of DICOM files, or NIfTI) -> one row per series, as `python -m core.predict --study`."""
         module = study_module()
         if module is None:
             raise ApiError(404, "not_available", "Studies are not served by this version yet; send one image at a "
                                                  "time to /v1/predict/{key}.")
         classifier = registry.get(key)
+        options = Options(method=method_of(heatmap), target=target, format=format, pacs_ready=pacs_ready)
+        options.check(classifier)
         upload = await read_upload(request.headers, request.stream(), settings.max_request_bytes, filename)
+        if options.format != "json":
+            return dicom_or_json(await analysts.run(study_dicom_answer, classifier, upload, options))
         rows = await analysts.run(module.study_rows, classifier, upload.data, upload.filename or "")
         return SafeJSONResponse({"model": model_identity(classifier), "series": rows})
 

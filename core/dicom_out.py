@@ -255,6 +255,31 @@ def header_only(dataset: Dataset) -> Dataset:
     return copy
 
 
+# What a result needs of each source instance (`source_header`): its identity, to copy in PACS-ready
+# form; its UIDs, to reference it; its geometry, for the SR's image library and the captures'
+# orientation. A reader of a series keeps only these of every header (no private tags, no
+# acquisition sequences).
+SOURCE_ATTRIBUTES: frozenset[str] = frozenset(IDENTITY_ATTRIBUTES) | frozenset((
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "SeriesNumber", "InstanceNumber",
+    "Modality", "FrameOfReferenceUID", "Rows", "Columns", "NumberOfFrames", "PixelSpacing", "ImagerPixelSpacing",
+    "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SpacingBetweenSlices", "PatientOrientation",
+    "ViewPosition", "BodyPartExamined", "Laterality", "ImageLaterality",
+))
+
+
+def source_header(dataset: Dataset) -> Dataset:
+    """The attributes of a source instance a result needs (`SOURCE_ATTRIBUTES`), as a new Dataset.
+
+    Small enough to keep for every slice of a series while the series is on screen (no pixel
+    data, no private tags, no functional group sequences).
+    """
+    kept = Dataset()
+    for element in dataset:
+        if element.keyword in SOURCE_ATTRIBUTES:
+            kept.add(element)
+    return kept
+
+
 def summary_from_prediction(prediction: Prediction, card: ModelCard, *, sources: Sequence[Dataset] = (),
                             key_slices: Sequence[int] = (), overlays: Sequence[Overlay] = (),
                             pdf: bytes | None = None, upload_hash: str | None = None,
@@ -619,6 +644,10 @@ def write_pdf(summary: ResultSummary, pacs_ready: bool = False, identity: Datase
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.FileMetaInformationVersion = b"\x00\x01"
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    # With its group length (type 1; pydicom computes the value when it writes): its plain dcmwrite,
+    # which STOW-RS through dicomweb-client uses, writes only the file meta elements present, and
+    # the archive would hold a file without it.
+    meta.FileMetaInformationGroupLength = 0
     # A FileDataset with a preamble: dicomweb-client writes each instance with pydicom's plain
     # dcmwrite, which leaves out the preamble and "DICM" of a bare Dataset, and the archive then
     # serves back a file no reader opens.

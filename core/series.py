@@ -165,6 +165,9 @@ class _Slice:
     window: tuple[float, float] | None = None
     photometric: str = "MONOCHROME2"
     info: dict[str, Any] = field(default_factory=dict)
+    # The source instance's header as a result needs it (`core.dicom_out.source_header`): identifiers
+    # among them, so never shown, logged or put in `info`; one object shared by the frames of a file.
+    source: Any = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -339,6 +342,15 @@ class Series:
             info["position_mm"] = round(self.geometry.positions[int(index)], 3)
         return Scan(pixels=pixels.astype(np.float32), kind=self.source, modality=self.modality, values=values,
                     window=used, steps=tuple(steps), info=info)
+
+    def instance_header(self, index: int) -> Any:
+        """The header of the DICOM instance a slice comes from (`core.dicom_out.source_header`), or None (NIfTI).
+
+        It carries the patient's and the study's identifiers: for DICOM results only (references and,
+        where the reader asks for PACS-ready output, the copied identity); never shown or logged.
+        The frames of one multi-frame instance share one header.
+        """
+        return self._slice(index).source
 
     def summary(self) -> dict[str, Any]:
         """Non-identifying facts for a list of series (no UIDs): what the reader chooses from."""
@@ -1023,6 +1035,9 @@ def _dicom_frames(ds: Any, arrival: int, budget: _Budget) -> list[_Frame] | str:
     base_info = safe_info(ds, n_frames, None)
     base_info.pop("orientation", None)
     padding = _padding(ds, array)
+    from core.dicom_out import source_header
+
+    source = source_header(ds) if array is not None else None
     lut_values = array is not None and "ModalityLUTSequence" in ds
     if lut_values:
         from pydicom.pixels import apply_modality_lut
@@ -1051,7 +1066,7 @@ def _dicom_frames(ds: Any, arrival: int, budget: _Budget) -> list[_Frame] | str:
             slope = 1.0 if lut_values else (fact["slope"] or 1.0)
             intercept = 0.0 if lut_values else (fact["intercept"] or 0.0)
             item = _Slice(stored=array[index], slope=slope, intercept=intercept, padding=padding,
-                          window=fact["window"], photometric=photometric, info=info)
+                          window=fact["window"], photometric=photometric, info=info, source=source)
         frames.append(_Frame(
             arrival=arrival, frame=index,
             study=_text(ds.get("StudyInstanceUID"), 64), series=_text(ds.get("SeriesInstanceUID"), 64),

@@ -1,4 +1,5 @@
-"""The app's pages: Home, one task page per page the registry names, Model cards and Batch.
+"""The app's pages: Home, one task page per page the registry names, Model cards and Batch, and
+Archive where a DICOMweb archive is configured (SECONDLOOK_DICOMWEB_URL).
 
 The task pages are derived from `core.tasks.PAGES` (never listed by hand): adding a model to a new
 page of the registry adds the page here.
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.dicomweb import archive_settings
 from core.tasks import PAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +53,27 @@ def other_pages() -> dict[str, st.Page]:
             "Batch": st.Page(BATCH, title="Batch", icon=":material/table_view:", url_path="batch")}
 
 
+def _render_archive() -> None:
+    from ui.archive_page import render_archive_page
+
+    render_archive_page()
+
+
+def archive_page() -> st.Page | None:
+    """The Archive page where SECONDLOOK_DICOMWEB_URL is set (also when a setting is malformed: the page says
+    which), else None."""
+    try:
+        configured = archive_settings() is not None
+    except ValueError:
+        configured = True
+    if not configured:
+        return None
+    return st.Page(_render_archive, title="Archive", url_path="archive", icon=":material/cloud_download:")
+
+
 def navigation() -> dict[str, list[st.Page]]:
     """The sidebar's sections."""
     others = other_pages()
-    return {"": [others["Home"]], "Tasks": list(task_pages().values()), "More": [others["Model cards"], others["Batch"]]}
+    archive = archive_page()
+    return {"": [others["Home"]], "Tasks": list(task_pages().values()),
+            "More": ([archive] if archive is not None else []) + [others["Model cards"], others["Batch"]]}

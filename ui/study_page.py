@@ -13,7 +13,8 @@ slice goes through the model with a progress bar (`core.study.analyse_series`). 
 - the shown slice in the display window presets, and on demand its heatmap with every control of
   the single-image page (the task page hands over its `cam_panel` and `viewer_image`, so this module
   does not import it back; computed once per slice, output and method);
-- the series listing (plain table), the left-outs and the warnings (plain text), the study report (PDF).
+- the series listing (plain table), the left-outs and the warnings (plain text), the study report (PDF);
+- its DICOM outputs, and "Send results to archive" for a study the Archive page opened (`ui.dicom_downloads`).
 
 Per-session results live in `st.session_state` (never `st.cache_data`). Untrusted text (file
 names, series descriptions) appears only in `st.dataframe` cells, never in Markdown.
@@ -44,6 +45,7 @@ from core.study import (
     upload_digest,
 )
 from core.tasks import TaskSpec
+from ui.dicom_downloads import study_downloads
 from ui.widgets import findings_chart, probability_chart
 
 logger = logging.getLogger(__name__)
@@ -265,6 +267,7 @@ def show_study_answer(classifier: Classifier, analysis: StudyAnalysis, prefix: s
     st.download_button("Download the study report (PDF)", mime="application/pdf", on_click="ignore",
                        data=partial(study_pdf, analysis), file_name=f"secondlook-{spec.key}-study-report.pdf",
                        key=f"study_report_{prefix}")
+    study_downloads(analysis, prefix)
 
 
 def study_pdf(analysis: StudyAnalysis) -> bytes:

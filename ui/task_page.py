@@ -34,6 +34,7 @@ from core.tasks import CT_WINDOW_PRESETS, TaskSpec, describe_preprocessing, task
 from core.study import is_study
 from ui import plain
 from ui.cache import get_classifier
+from ui.dicom_downloads import ImageSource, image_downloads, image_source
 from ui.study_page import SlicePanels, accepts_studies, render_study_view
 from ui.widgets import (VIEWER_CONFIG, card_summary, disclaimer, findings_chart, png_bytes, probability_chart,
                         spread_chart, synced_viewer)
@@ -231,8 +232,10 @@ def _rgb(analysis: Analysis) -> np.ndarray:
 
 
 @st.fragment
-def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
-    """The synced image / heatmap viewer with its controls and downloads; re-runs alone when a control moves."""
+def cam_panel(classifier: Classifier, analysis: Analysis, source: ImageSource | None = None) -> None:
+    """The synced image / heatmap viewer with its controls and downloads; re-runs alone when a control moves.
+
+    `source` (a single upload's) adds the DICOM downloads of the overlay as shown (`ui.dicom_downloads`)."""
     spec = classifier.spec
     prefix = f"{spec.key}_{analysis.digest}"
     viewer = st.container()
@@ -293,9 +296,11 @@ def cam_panel(classifier: Classifier, analysis: Analysis) -> None:
     col_png.download_button("Download the overlay (PNG)", data=overlay_png, mime="image/png", on_click="ignore",
                             file_name=f"{stem}.png", key=f"cam_download_{prefix}")
     # The PDF is made when the reader clicks (on another thread), with whatever was measured by then.
+    pdf = partial(report_pdf, classifier, analysis, rgb, blended, target, method)
     col_pdf.download_button("Download a one-page report (PDF)", mime="application/pdf", on_click="ignore",
-                            data=partial(report_pdf, classifier, analysis, rgb, blended, target, method),
-                            file_name=f"{stem}-report.pdf", key=f"cam_report_{prefix}")
+                            data=pdf, file_name=f"{stem}-report.pdf", key=f"cam_report_{prefix}")
+    if source is not None:
+        image_downloads(analysis, source, blended, f"{method} for {shown_as}", pdf, prefix)
     if heatmap.empty:
         reading.info(f"{method} finds no region that raises the score of '{title}' in this image.")
         return
@@ -377,7 +382,7 @@ def render_task_page(page: str) -> None:
     with col_answer:
         show_answer(classifier, result)
     with col_view:
-        cam_panel(classifier, result)
+        cam_panel(classifier, result, image_source(uploaded.getvalue(), uploaded.name))
     if result.prediction.findings:
         show_findings_table(classifier, result.prediction)
     stability_panel(classifier, result)
