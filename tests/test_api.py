@@ -443,8 +443,12 @@ def test_uploads_over_one_megabyte_stay_in_memory(client: TestClient, no_disk: l
     assert no_disk == []
 
 
-def test_the_disk_probe_catches_starlettes_own_spooling(no_disk: list[str]) -> None:
+def test_the_disk_probe_catches_starlettes_own_spooling(no_disk: list[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Control: FastAPI's usual UploadFile parsing of the same file would have spooled it to disk."""
+    from starlette.formparsers import MultiPartParser
+    # The Streamlit app raises this limit process-wide (ui.cache); the control needs Starlette's default.
+    monkeypatch.setattr(MultiPartParser, "spool_max_size", 2**20)
     app = FastAPI()
 
     @app.post("/upload")
