@@ -57,6 +57,12 @@ class Runner:
     time. Concurrent requests take separate replicas (a copy is made the first time every
     existing one is busy, up to the policy's concurrency), and `core.threads.slot` bounds how many
     computations run at once across all models and gives each its share of the cores.
+
+    A copy is made from a template taken when the runner was built, never from a busy replica: that
+    one carries its computation's hooks (the head's feature catcher, Grad-CAM's), and a copy kept
+    them for good, so every later forward pass on it appended its features, with the whole autograd
+    graph of a heatmap behind them, to a list nobody read (about 25 MB per heatmap; a Streamlit
+    server grew by gigabytes under four sessions, `python -m benchmarks.load --sessions 4`).
     """
 
     def __init__(self, module: nn.Module, head: str, max_replicas: int | None = None) -> None:
@@ -66,6 +72,7 @@ class Runner:
         self._max = max_replicas or threads.policy().concurrency
         self._condition = threading.Condition()
         self.primary = module
+        self._template = _skeleton(module)
 
     @contextmanager
     def replica(self) -> Iterator[nn.Module]:
@@ -77,7 +84,7 @@ class Runner:
                 module = self._free.pop()
             else:
                 with torch.inference_mode(False):  # a copy made under inference mode could not be explained
-                    module = copy.deepcopy(self.primary)
+                    module = copy.deepcopy(self._template)
                 self._made += 1
         try:
             with threads.slot():
@@ -99,9 +106,27 @@ class Runner:
 
     @contextmanager
     def gradients(self) -> Iterator[nn.Module]:
-        """A replica with gradients on, for explanations (grad mode is per thread; the caller may be in inference mode)."""
+        """A replica with gradients on, for explanations (grad mode is per thread; the caller may be in inference mode).
+
+        The parameters' gradients a backward pass left are dropped on the way out: a replica back in the pool
+        holds nothing of its last computation (each explanation zeroes them before its own pass anyway).
+        """
         with self.replica() as module, torch.inference_mode(False), torch.enable_grad():
-            yield module
+            try:
+                yield module
+            finally:
+                module.zero_grad(set_to_none=True)
+
+
+def _skeleton(module: nn.Module) -> nn.Module:
+    """A copy of an idle module that shares its parameters and buffers: the template replicas are copied from.
+
+    It costs no memory of weights; a replica deep-copied from it gets weights of its own (its
+    backward pass writes gradients on them) and only the hooks the module had when it was idle.
+    """
+    shared = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}
+    with torch.inference_mode(False):
+        return copy.deepcopy(module, shared)
 
 
 def forward_module(module: nn.Module, batch: torch.Tensor, head: str | None = None) -> Outputs:

@@ -1,6 +1,6 @@
 """The thread policy: how many cores each model computation uses, and how many run at once.
 
-Measured on a 2-core machine with one CPU-bound neighbour (`python -m benchmarks --neighbour`):
+Measured on a 2-core machine with one CPU-bound neighbour (`python -m benchmarks.conditions`):
 torch's default OpenMP threads spin-wait at every barrier for a core the neighbour holds, and a
 MobileNetV2 forward pass goes from about 28 ms to over 1 s. So:
 
@@ -26,8 +26,10 @@ Once no computation has run for a second, the allocator's free pages go back to 
 (`core.allocator.release_free_memory`): a serving process then holds what it uses, not what its
 busiest moment needed (`python -m benchmarks.memory --server`, `python -m benchmarks.load`).
 
-Training is alone by design and uses every core it is given (`configure("train")`), with the same
-variables exposed.
+Training is alone by design and uses every core it is given (`core.lab.train` calls `configure("train")`
+in a single-process run; under torchrun each rank keeps the launcher's OMP_NUM_THREADS), with the same
+variables exposed. Run it as a background job with `train/run_all.py`, which also lowers its
+scheduler autogroup so that `nice` takes effect beside an interactive session.
 """
 
 from __future__ import annotations

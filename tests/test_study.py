@@ -310,7 +310,8 @@ def test_detail_rows_add_the_call_and_name_no_uid(head_ct) -> None:
     row = study_rows(head_ct, zip_files(series_files(5, 64)), "s.zip", detail=True, safe_series=True)[0]
     assert row["series"] == "Series 2 (axial, 5 slices, 2.5 mm)" and "2.25" not in json.dumps(row["series"])
     assert row["call"] in (*HEAD.labels, "uncertain") and row["validated"] is True
-    assert row["guard"]["outcome"] == "in_range" and isinstance(row["present"], list)
+    # a synthetic phantom: the guard may find it borderline, never out of range (then there would be no call)
+    assert row["guard"]["outcome"] in ("in_range", "borderline") and isinstance(row["present"], list)
 
 
 def test_uploads_are_recognised_as_studies() -> None:

@@ -104,6 +104,7 @@ from core.decision import decide, positive_mask, positive_score
 from core.preprocess import normalize
 from core.lab.recipes import BATCHNORM_MODES, FIELDS, RECIPES, SCHEDULES, SELECT, get_recipe, resolve_pretrained
 from core.tasks import PREPROCESSING_STEPS, TASKS, TaskSpec, get_task
+from core import threads
 
 logger = logging.getLogger("core.train")
 
@@ -935,6 +936,8 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     resolve_args(args)
     provenance = environment()  # the code as it was when training started
     runtime = init_runtime(args)
+    if not runtime.distributed:  # alone: every core it is given (SECONDLOOK_THREADS to say fewer); under torchrun
+        threads.configure("train")  # the launcher's OMP_NUM_THREADS per rank stays
     try:
         train_and_record(args, argv, runtime, provenance)
     finally:
