@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.proc import cpu_model
 from benchmarks.samples import ct_dicom, encode, synthetic_slice
 from benchmarks.server import REPO, serve
 from benchmarks.session import AppSession
@@ -61,13 +62,7 @@ def p50_p95_ms(seconds: list[float]) -> tuple[float, float]:
 
 
 def machine(threads: int) -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} on {threads} threads "
+    return (f"{cpu_model()}, {os.cpu_count()} logical cores, torch {torch.__version__} on {threads} threads "
             f"(CPU capability {torch.backends.cpu.get_cpu_capability()}), Python {platform.python_version()}")
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from benchmarks.memory import status_mb
 from benchmarks.samples import ct_dicom, encode, synthetic_slice
-from benchmarks.server import REPO, free_port
+from benchmarks.server import REPO, free_port, stop
 
 CLIENTS = (1, 4, 16)
 TARGETS = {"predict_p50_ms_1": 40.0, "per_image_ratio_16": 2.0, "predict_p95_ms_16": 1000.0}
@@ -123,12 +123,7 @@ def uvicorn_server(models: str, workers: int = 1, env: dict[str, str] | None = N
         pids = [process.pid, *workers_pids]
         yield Running(url, pids, f"uvicorn, {workers} worker{'s' if workers > 1 else ''}")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+        stop(process, grace=30)
 
 
 @contextlib.contextmanager

@@ -229,15 +229,9 @@ def check(results: dict) -> list[str]:
 
 
 def machine() -> str:
-    import platform
+    from benchmarks.proc import cpu_model
 
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} logical cores"
+    return f"{cpu_model()}, {os.cpu_count()} logical cores"
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-from benchmarks.samples import make_dicom, synthetic_slice
+from benchmarks.samples import make_dicom, new_instance, synthetic_slice
 
 # ---------------------------------------------------------------- ordinary images
 
@@ -202,23 +202,11 @@ def native_dicom(rows: int, columns: int, bits: int = 8, frames: int = 1) -> byt
 
 def rle_dicom_bomb(side: int = 64, expanded: int = 20 * 2**20) -> bytes:
     """An RLE Lossless DICOM declaring side x side 8-bit, whose one segment expands to `expanded` bytes."""
-    import pydicom
-    from pydicom.encaps import encapsulate
     from pydicom.uid import RLELossless
 
     runs = b"\x81\x7f" * (expanded // 128)  # header 0x81: the next byte repeated 128 times
     frame = struct.pack("<16L", 1, 64, *([0] * 14)) + runs
-    ds = pydicom.dcmread(io.BytesIO(make_dicom(np.zeros((side, side), np.uint8).astype(np.int16), modality="OT",
-                                               slope=None)))
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.file_meta.TransferSyntaxUID = RLELossless
-    ds.PixelData = encapsulate([frame])
-    ds["PixelData"].VR = "OB"
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return _encapsulated_dicom(side, RLELossless, frame)
 
 
 def compressed_dicom(declared: int, actual: int, codec: str = "JPEG") -> bytes:
@@ -230,8 +218,6 @@ def compressed_dicom(declared: int, actual: int, codec: str = "JPEG") -> bytes:
         codec: "JPEG" (baseline, written by Pillow), "JPEG2000" (a raw codestream, by Pillow)
             or "JPEGLS" (only a frame header: enough for a size check, not for decoding).
     """
-    import pydicom
-    from pydicom.encaps import encapsulate
     from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless
 
     if codec == "JPEG":
@@ -245,13 +231,30 @@ def compressed_dicom(declared: int, actual: int, codec: str = "JPEG") -> bytes:
         syntax = JPEGLSLossless
     else:
         raise ValueError(f"unknown codec {codec!r}; one of JPEG, JPEG2000, JPEGLS")
-    ds = pydicom.dcmread(io.BytesIO(make_dicom(np.zeros((declared, declared), np.int16), modality="OT", slope=None)))
+    return _encapsulated_dicom(declared, syntax, codestream)
+
+
+def _encapsulated_dicom(side: int, syntax: str, frame: bytes) -> bytes:
+    """An 8-bit unsigned side x side DICOM whose one encapsulated frame is `frame`, as is.
+
+    The header is an ordinary blank slice's; only the transfer syntax and the pixel data are
+    replaced, so whatever `frame` holds (a bomb, a codestream of another size) reaches the reader.
+
+    Args:
+        side: Rows and Columns written in the header.
+        syntax: The transfer syntax UID (RLE, a JPEG family).
+        frame: The frame's bytes, never checked against the header.
+    """
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(np.zeros((side, side), np.int16), modality="OT", slope=None)))
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
     ds.file_meta.TransferSyntaxUID = syntax
-    ds.PixelData = encapsulate([codestream])
-    ds["PixelData"].VR = "OB"
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"  # encapsulated pixel data is always OB
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -279,9 +282,9 @@ def enhanced_ct(frames: int = 3, per_frame: bool = False) -> bytes:
     Stored values are 0..4095 (air 24, water disc 1064 in frame 0); the rescale intercept is
     -1024 for every frame (Shared Functional Groups) or -1024 - 100 * frame (Per-frame).
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import EnhancedCTImageStorage
 
     def item(**values) -> Dataset:
         ds = Dataset()
@@ -292,13 +295,7 @@ def enhanced_ct(frames: int = 3, per_frame: bool = False) -> bytes:
     def transform(intercept: float) -> Sequence:
         return Sequence([item(RescaleIntercept=intercept, RescaleSlope=1, RescaleType="HU")])
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds = new_instance(EnhancedCTImageStorage)
     ds.Modality = "CT"
     ds.PatientName = "Secret^Patient"
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

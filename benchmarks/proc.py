@@ -44,3 +44,14 @@ def mapping_groups(pid: int | str = "self") -> dict[str, float]:
             elif line.startswith("Rss:"):
                 totals[group] += int(line.split()[1])
     return {name: round(kb / MB, 1) for name, kb in totals.most_common()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what the platform says."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"

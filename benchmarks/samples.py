@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 
 def synthetic_slice(size: int = 128, seed: int = 0, kind: int = 0) -> np.ndarray:
@@ -30,6 +34,28 @@ def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None, **param
     return buffer.getvalue()
 
 
+def new_instance(sop_class: str) -> Dataset:
+    """An empty DICOM instance of `sop_class` with a new UID, its file meta set for explicit VR little endian.
+
+    Args:
+        sop_class: The SOP Class UID (CT Image Storage, Enhanced CT Image Storage, ...).
+
+    Returns:
+        A dataset whose file meta and SOP Common module name the same class and instance.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
 def make_dicom(
     array: np.ndarray,
     modality: str = "CT",
@@ -43,17 +69,9 @@ def make_dicom(
     extra: dict | None = None,
 ) -> bytes:
     """Write a small uncompressed DICOM file to bytes (explicit VR little endian)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = new_instance(CTImageStorage)
     ds.Modality = modality
     ds.PatientName = "Secret^Patient"
     ds.PatientID = "ID-12345"

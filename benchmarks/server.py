@@ -63,8 +63,19 @@ def serve(timeout: float = 60.0, env: dict[str, str] | None = None) -> Iterator[
         wait_healthy(url, process, timeout)
         yield Server(url, process, spawned, time.monotonic() - spawned)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process, grace=20)
+
+
+def stop(process: subprocess.Popen, grace: float) -> None:
+    """End a child server: ask it to stop, and kill it if it has not within `grace` seconds.
+
+    Args:
+        process: The child (already ended is fine: then nothing is sent).
+        grace: Seconds it may take to shut down cleanly.
+    """
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)  # reaped, so no zombie outlives the run

@@ -716,36 +716,17 @@ def to_bytes(dataset: Dataset) -> bytes:
 
 
 def _uids(dataset: Dataset) -> set[str]:
-    """Every UI value anywhere in a dataset, sequences included."""
+    """Every UI value anywhere in a dataset, sequences included (pydicom's `iterall` walks into them)."""
     found: set[str] = set()
-
-    def visit(ds: Dataset) -> None:
-        for element in ds:
-            if element.VR == "SQ":
-                for item in element.value:
-                    visit(item)
-            elif element.VR == "UI" and element.value:
-                values = element.value if element.VM > 1 else [element.value]
-                found.update(str(v) for v in values)
-
-    visit(dataset)
+    for element in dataset.iterall():
+        if element.VR == "UI" and element.value:
+            found.update(str(v) for v in (element.value if element.VM > 1 else [element.value]))
     return found
 
 
 def _references(dataset: Dataset) -> set[str]:
     """SOP Instance UIDs a dataset references (evidence, content tree, source sequences)."""
-    found: set[str] = set()
-
-    def visit(ds: Dataset) -> None:
-        for element in ds:
-            if element.VR == "SQ":
-                for item in element.value:
-                    visit(item)
-            elif element.keyword == "ReferencedSOPInstanceUID":
-                found.add(str(element.value))
-
-    visit(dataset)
-    return found
+    return {str(element.value) for element in dataset.iterall() if element.keyword == "ReferencedSOPInstanceUID"}
 
 
 def check_outputs(outputs: DicomOutputs, summary: ResultSummary) -> None:

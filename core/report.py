@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -67,15 +68,31 @@ def render_pdf(content: ReportContent, when: datetime | None = None) -> bytes:
     Returns:
         Bytes of a one-page PDF.
     """
+    return _pdf_bytes(lambda at: report_figure(content, at), "SecondLook report", when)
+
+
+def _pdf_bytes(draw: Callable[[datetime], Figure], title: str, when: datetime | None) -> bytes:
+    """One page as the bytes of a one-page PDF, built in memory.
+
+    Args:
+        draw: Builds the page for the report time; called inside the PDF rc context so its text
+            uses the standard fonts.
+        title: The document's Title metadata.
+        when: Report time, on the page and as CreationDate (default: now, UTC).
+
+    Returns:
+        Bytes of a one-page PDF.
+    """
     import matplotlib
     from matplotlib.backends.backend_pdf import PdfPages
 
     when = when or datetime.now(timezone.utc)
+    # Standard Helvetica keeps the text plain in the file; an ASCII minus needs no glyph outside it.
     with matplotlib.rc_context({"pdf.use14corefonts": True, "axes.unicode_minus": False}):
-        figure = report_figure(content, when)
+        figure = draw(when)
         buffer = io.BytesIO()
         # Fixed metadata: no user name, no host, nothing about the file.
-        with PdfPages(buffer, metadata={"Title": "SecondLook report", "Creator": "SecondLook", "Producer": "SecondLook",
+        with PdfPages(buffer, metadata={"Title": title, "Creator": "SecondLook", "Producer": "SecondLook",
                                         "CreationDate": when}) as pdf:
             pdf.savefig(figure)
     return buffer.getvalue()
@@ -205,17 +222,7 @@ def render_study_pdf(content: StudyReportContent, when: datetime | None = None) 
     Returns:
         Bytes of a one-page PDF.
     """
-    import matplotlib
-    from matplotlib.backends.backend_pdf import PdfPages
-
-    when = when or datetime.now(timezone.utc)
-    with matplotlib.rc_context({"pdf.use14corefonts": True, "axes.unicode_minus": False}):
-        figure = study_report_figure(content, when)
-        buffer = io.BytesIO()
-        with PdfPages(buffer, metadata={"Title": "SecondLook study report", "Creator": "SecondLook",
-                                        "Producer": "SecondLook", "CreationDate": when}) as pdf:
-            pdf.savefig(figure)
-    return buffer.getvalue()
+    return _pdf_bytes(lambda at: study_report_figure(content, at), "SecondLook study report", when)
 
 
 def study_report_figure(content: StudyReportContent, when: datetime) -> Figure:

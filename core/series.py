@@ -573,12 +573,7 @@ def read_uploads(files: Iterable[tuple[str, bytes]], *, modality: str | None = N
     skipped: list[str] = []
 
     def members() -> Iterator[tuple[str, bytes]]:
-        for name, data in files:
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise StudyError("No file data was received.")
-            if not data:
-                skipped.append("empty file")
-                continue
+        for name, data in uploaded_files(files, skipped):
             if _is_zip(data):
                 yield from zip_members(bytes(data), skipped)
             else:
@@ -588,6 +583,30 @@ def read_uploads(files: Iterable[tuple[str, bytes]], *, modality: str | None = N
                 yield name, bytes(data)
 
     return read_members(members(), skipped=skipped, modality=modality)
+
+
+def uploaded_files(files: Iterable[tuple[str, bytes]],
+                   skipped: list[str]) -> Iterator[tuple[str, bytes | bytearray | memoryview]]:
+    """The uploads that hold data, one at a time; each empty one is counted in `skipped`.
+
+    The one rule every upload reader applies before it looks inside a file (`read_uploads` here,
+    `core.study.read_upload` with the archive budget).
+
+    Args:
+        files: (name, data) per upload, as the caller received them.
+        skipped: Receives "empty file" per upload of no bytes.
+
+    Raises:
+        StudyError: An upload's data is not bytes.
+    """
+    for name, data in files:
+        # The annotation is not enforced: a caller may pass None or text for a file it did not get.
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise StudyError("No file data was received.")
+        if not data:
+            skipped.append("empty file")
+            continue
+        yield name, data
 
 
 def read_path(path: str | os.PathLike[str], *, modality: str | None = None) -> Study:

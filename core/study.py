@@ -55,6 +55,7 @@ from core.series import (
     StudyError,
     read_members,
     upload_kind,
+    uploaded_files,
 )
 from core.series import read_path as read_folder_or_file
 from core.tasks import TaskSpec, positive_classes
@@ -512,12 +513,7 @@ def read_upload(files: Iterable[tuple[str, bytes]], spec: TaskSpec | None = None
     modality = spec.modalities[0] if spec is not None and len(spec.modalities) == 1 else None
 
     def members() -> Iterator[tuple[str, bytes]]:
-        for name, data in files:
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise StudyError("No file data was received.")
-            if not data:
-                skipped.append("empty file")
-                continue
+        for name, data in uploaded_files(files, skipped):
             if is_zip(data):
                 try:
                     archive = open_zip(bytes(data), name or "upload.zip", budget)

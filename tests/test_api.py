@@ -168,8 +168,14 @@ def test_raw_body_upload_gives_the_same_answer(client: TestClient, series: list[
     assert raw["file"] == "a.dcm" and raw["call"] == multipart["call"]
 
 
+def colour_photo(side: int, seed: int) -> bytes:
+    """A colour picture (the guard refuses colour: scans are grey), whatever the bundled weights."""
+    grey = synthetic_slice(side, seed=seed)
+    return encode(np.stack([grey, np.roll(grey, side // 5, axis=1), 255 - grey], axis=-1))
+
+
 def test_guard_refusal_is_422_with_the_guards_reason(client: TestClient) -> None:
-    data = encode(synthetic_slice(200, seed=4))
+    data = colour_photo(200, seed=4)
     answer = post(client, "brain_mri", "photo.png", data)
     assert answer.status_code == 422
     body = answer.json()
@@ -253,7 +259,7 @@ def test_dicom_pacs_ready_copies_identity_and_references_the_source(client: Test
 
 
 def test_no_dicom_result_for_a_refused_scan(client: TestClient) -> None:
-    answer = post(client, "brain_mri", "a.png", encode(synthetic_slice(128, seed=2)), "?format=dicom-sr")
+    answer = post(client, "brain_mri", "a.png", colour_photo(128, seed=2), "?format=dicom-sr")
     assert answer.status_code == 422 and answer.headers["content-type"].startswith("application/json")
 
 

@@ -1,6 +1,7 @@
 """Print the bundled models' held-out figures as Markdown tables, read from their cards (`core.cards.read_card`).
 
 Usage: python train/summarize.py [WEIGHTS_DIR]
+       python train/summarize.py --runs     # every recorded run (train/runs/cards), and which is bundled
 
 The last table sets the chest X-ray models' shortcut audits beside those of the candidate
 recipes kept in train/preprocessing/ and train/arch/ (their cards).
@@ -44,6 +45,24 @@ def main(folder: Path) -> None:
         print(f"| {card.key} | {m.n} | {fmt(m.accuracy)} | {fmt(m.balanced_accuracy)} | {fmt(m.macro_f1)} | "
               f"{fmt(m.roc_auc)} | {fmt(m.ece)} | {threshold} | {card.temperature:.2f} | "
               f"{t.epochs_run} (best {t.best_epoch}) | {t.seconds / 60:.0f} min |")
+
+
+def runs_table(records: Path, weights: Path) -> None:
+    """Validation and test figures of every recorded run (`train/runs/cards/<run>.json`; `<key>-former_recipe.json`
+    is the card bundled before the whole-backbone round), and whether it is the bundled file (same weights sha256)."""
+    print("| run | validation bal. acc / ROC-AUC | test acc / bal. acc / macro-F1 / ROC-AUC | epochs (best) | train time "
+          "| bundled now |")
+    print("|---|---|---|---|---|---|")
+    for path in sorted(records.glob("*.json")):
+        card = read_card(path)
+        v, m, t = card.validation, card.test_figures, card.training
+        bundled = weights / f"{card.key}.json"
+        same = bundled.is_file() and read_card(bundled).sha256 == card.sha256
+        epochs = f"{t.epochs_run} ({t.best_epoch})" if t is not None else "n/a"
+        minutes = f"{t.seconds / 60:.0f} min" if t is not None and t.seconds else "n/a"
+        print(f"| {path.stem} | {fmt(v and v.balanced_accuracy)} / {fmt(v and v.roc_auc)} | {fmt(m.accuracy)} / "
+              f"{fmt(m.balanced_accuracy)} / {fmt(m.macro_f1)} / {fmt(m.roc_auc)} | {epochs} | {minutes} | "
+              f"{'yes' if same else 'no'} |")
 
 
 def guard_table(folder: Path) -> None:
@@ -146,6 +165,10 @@ def shortcut_table(paths: list[Path]) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--runs"]:
+        here = Path(__file__).resolve().parent
+        runs_table(here / "runs" / "cards", here.parent / "weights")
+        raise SystemExit(0)
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "weights"
     main(folder)
     print()
