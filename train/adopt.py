@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     key = args.run.name.split("-")[0]
-    spec = get_task(key)
+    try:
+        spec = get_task(key)
+    except ValueError as exc:  # the run folder is named after its task: <task>-<arch>[-variant]
+        parser.error(f"{args.run.name}: {exc}")
     weights, card_path = args.run / f"{key}.safetensors", args.run / f"{key}.json"
     if not weights.is_file() or not card_path.is_file():
         parser.error(f"{args.run} has no finished {key}.safetensors and {key}.json")
