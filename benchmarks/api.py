@@ -201,8 +201,9 @@ async def load(url: str, path: str, files: list[tuple[str, bytes]], clients: int
             "p95_ms": 1000 * quantile(latencies, 0.95), "per_s": requests / wall, "errors": errors}
 
 
-def in_process(key: str, files: list[tuple[str, bytes]]) -> dict:
-    """Per-image time of the command line's path (batched) and of one `analyse` call, in this process."""
+def in_process(key: str, files: list[tuple[str, bytes]]) -> tuple[dict, set[str]]:
+    """Per-image time of the command line's path (batched) and of one `analyse` call, in this process; and the
+    names of the files the model answers (status ok: neither the reader nor the guard refused them)."""
     from core import threads
     from core.models import load_model
     from core.pipeline import analyse, predict_uploads, result_row
@@ -214,13 +215,13 @@ def in_process(key: str, files: list[tuple[str, bytes]]) -> dict:
     started = time.perf_counter()
     rows = list(predict_uploads(classifier, files))
     cli = (time.perf_counter() - started) / len(rows)
-    accepted = [name for name, outcome in rows if result_row(name, outcome)["status"] == "ok"]
+    accepted = {name for name, outcome in rows if result_row(name, outcome)["status"] == "ok"}
     single = []
     for name, data in files[:40]:
         started = time.perf_counter()
         analyse(classifier, data, name)
         single.append(time.perf_counter() - started)
-    return {"cli_ms_per_image": 1000 * cli, "analyse_p50_ms": 1000 * statistics.median(single), "accepted": accepted}
+    return {"cli_ms_per_image": 1000 * cli, "analyse_p50_ms": 1000 * statistics.median(single)}, accepted
 
 
 def bench(running: Running, key: str, files: list[tuple[str, bytes]], quick: bool) -> list[dict]:
@@ -294,10 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     files = sample_files(64, args.images)
     print("in-process reference...", file=sys.stderr, flush=True)
-    reference = in_process(args.model, files)
+    reference, accepted = in_process(args.model, files)
     # Only files the model answers (in process) are sent, so that "errors" counts failures, not refusals:
     # the guard refuses some synthetic slices, and a refusal is the right answer for them.
-    accepted = set(reference.pop("accepted"))
     refused = [name for name, _ in files if name not in accepted]
     files = [(name, data) for name, data in files if name in accepted]
     if refused:
@@ -314,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         with start() as running:
             rows += bench(running, args.model, files, args.quick)
     print("in-process reference again...", file=sys.stderr, flush=True)
-    again = in_process(args.model, files)
-    again.pop("accepted")
+    again, _ = in_process(args.model, files)
     load_after = os.getloadavg()
     # the stricter of the two: the lower per-image time of the command line
     reference = {key: min(reference[key], again[key]) for key in reference}

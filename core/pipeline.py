@@ -31,7 +31,7 @@ from core.imaging import Scan, ScanError, read_scan
 from core.models import Classifier
 from core.preprocess import EvalPreset, ModelInput
 from core.uncertainty import Spread, tta_spread
-from core.vocabulary import BODY_PARTS, MODALITIES, PLANES  # noqa: F401 - also read from here
+from core.vocabulary import PLANES, body_part_words, known_body_part, known_modality, modality_words
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ def scan_facts(scan: Scan) -> list[str]:
     facts = [f"{width} x {height} px"]
     if scan.kind == "dicom":
         facts.append("DICOM")
-        modality = str(scan.info.get("Modality", "")).upper()
+        modality = modality_words(scan.info.get("Modality"))
         if modality:
-            facts.append(f"modality {modality}" if modality in MODALITIES else "another modality")
-        body_part = str(scan.info.get("BodyPartExamined", "")).strip().upper()
+            facts.append(f"modality {modality}" if known_modality(modality) else modality)
+        body_part = body_part_words(scan.info.get("BodyPartExamined"))
         if body_part:
-            facts.append(f"body part {body_part}" if body_part in BODY_PARTS else "another body part")
+            facts.append(f"body part {body_part}" if known_body_part(body_part) else body_part)
         plane = scan.info.get("orientation")
         if plane in PLANES:
             facts.append(f"{plane} plane")

@@ -66,6 +66,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from core import threads
 from core.calibration import (
     choose_threshold,
     fit_binary_temperature,
@@ -104,7 +105,6 @@ from core.decision import decide, positive_mask, positive_score
 from core.preprocess import normalize
 from core.lab.recipes import BATCHNORM_MODES, FIELDS, RECIPES, SCHEDULES, SELECT, get_recipe, resolve_pretrained
 from core.tasks import PREPROCESSING_STEPS, TASKS, TaskSpec, get_task
-from core import threads
 
 logger = logging.getLogger("core.train")
 
